@@ -1,0 +1,1 @@
+"""Shards on disk: writing (shards, shapes, convert), reading (manifest, stream), augment."""

@@ -1,0 +1,177 @@
+"""Writing a split as WebDataset tar shards plus its manifest, atomically and reproducibly.
+
+Each shard is written under a temporary name and renamed when complete; the manifest is written
+last, so an interrupted conversion leaves no manifest and no half-written shard under a final
+name. The same samples in the same order give byte-identical shards (fixed tar headers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segdist.data.manifest import Manifest, ShardInfo, manifest_path, sha256_file
+from segdist.errors import UserError
+from segdist.fileio import atomic_write_json
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an HxW (uint8 or uint16) or HxWx3 uint8 array, deterministic."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+def encode_mask(mask: np.ndarray, num_classes: int) -> bytes:
+    """8-bit PNG, or 16-bit when there are more than 255 classes (ignore stays in range)."""
+    dtype = np.uint8 if num_classes <= 255 else np.uint16
+    return encode_png(mask.astype(dtype, copy=False))
+
+
+def count_class_pixels(mask: np.ndarray, num_classes: int, ignore_index: int, key: str) -> np.ndarray:
+    """Per-class pixel counts of a train-id mask; a value that is neither a class nor ignore is a UserError."""
+    counts = np.bincount(mask.ravel().astype(np.int64), minlength=max(num_classes, ignore_index + 1))
+    bad = np.flatnonzero(counts)
+    bad = bad[(bad >= num_classes) & (bad != ignore_index)]
+    if bad.size:
+        raise UserError(
+            f"sample {key}: mask holds label {int(bad[0])} but there are {num_classes} classes "
+            f"(valid: 0..{num_classes - 1} or ignore {ignore_index}); fix the mask or the class list"
+        )
+    return counts[:num_classes]
+
+
+class ShardWriter:
+    """Write samples into `<out>/<split>-NNNNNN.tar` and, on `close()`, `<out>/<split>.json`."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        split: str,
+        *,
+        dataset: str,
+        classes: list[str],
+        palette: list[list[int]],
+        ignore_index: int = 255,
+        samples_per_shard: int = 1000,
+        shard_size_mb: float | None = None,
+        source: dict | None = None,
+        options: dict | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.split = split
+        self.dataset = dataset
+        self.classes = list(classes)
+        self.palette = [list(map(int, c)) for c in palette]
+        self.ignore_index = ignore_index
+        self.samples_per_shard = samples_per_shard
+        self.shard_bytes = int(shard_size_mb * 1e6) if shard_size_mb else None
+        self.source = source or {}
+        self.options = options or {}
+        self.class_pixels = np.zeros(len(self.classes), dtype=np.int64)
+        self.shards: list[ShardInfo] = []
+        self._keys: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        # A stale manifest must not describe the shards being replaced.
+        manifest_path(self.out, split).unlink(missing_ok=True)
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, key: str, image: bytes, image_ext: str, mask: np.ndarray, meta: dict | None = None) -> None:
+        """Add one sample: encoded image bytes (`png`/`jpg`), a train-id mask array, optional meta."""
+        if key in self._keys:
+            raise UserError(f"sample key {key!r} occurs twice in split {self.split!r}: source file names must be unique")
+        if "." in key:
+            raise ValueError(f"sample key {key!r} must not contain '.'")
+        self._keys.add(key)
+        self.class_pixels += count_class_pixels(mask, len(self.classes), self.ignore_index, key)
+        files = {f"{key}.image.{image_ext}": image, f"{key}.mask.png": encode_mask(mask, len(self.classes))}
+        if meta is not None:
+            files[f"{key}.meta.json"] = json.dumps(meta, sort_keys=True).encode()
+        if self._tar is None:
+            self._open()
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        full = self._count >= self.samples_per_shard
+        if self.shard_bytes is not None:
+            full = self._tar.fileobj.tell() >= self.shard_bytes
+        if full:
+            self._finish_shard()
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._tmp = self.out / f".{name}.tmp"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None and self._tmp is not None
+        self._tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        final = self.out / self._tmp.name[1:-4]
+        os.replace(self._tmp, final)
+        self.shards.append(ShardInfo(final.name, self._count, sha256_file(final)))
+        self._tar, self._tmp = None, None
+
+    # -- finishing -----------------------------------------------------------------------------
+    def close(self) -> Manifest:
+        """Finish the last shard, remove stale shards of this split, write the manifest last."""
+        if self._tar is not None and self._count:
+            self._finish_shard()
+        if not self.shards:
+            raise UserError(f"split {self.split!r} has no samples: check the source paths and split name")
+        keep = {s.file for s in self.shards}
+        for old in self.out.glob(f"{self.split}-*.tar"):
+            if old.name not in keep:
+                old.unlink()
+        manifest = Manifest(
+            dataset=self.dataset,
+            split=self.split,
+            classes=self.classes,
+            palette=self.palette,
+            ignore_index=self.ignore_index,
+            num_samples=sum(s.samples for s in self.shards),
+            shards=self.shards,
+            class_pixels=[int(v) for v in self.class_pixels],
+            source=self.source,
+            options=self.options,
+            root=self.out,
+        )
+        atomic_write_json(manifest_path(self.out, self.split), manifest.to_json())
+        return manifest
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temporary file); nothing under a final name changes."""
+        if self._tar is not None:
+            self._tar.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._tar, self._tmp = None, None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

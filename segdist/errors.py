@@ -1,0 +1,34 @@
+"""User errors: one line on stderr naming the culprit and the fix, exit code 2.
+
+Anything a user can cause (bad recipe, missing file, bad data) raises `UserError`. Launch scripts
+wrap their `main` in `run_cli`, which prints the message once (on the main process only when
+several processes share a terminal) and exits 2 without a traceback. Bugs still raise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the culprit and what to do."""
+
+
+def _is_main_process() -> bool:
+    # Before any process group exists the launcher's environment is all we know.
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a launch script's `main`, turning `UserError` into one stderr line and exit 2."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        if _is_main_process():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,341 @@
+"""Recipes: one dataclass per TOML section, one strict loader, `--set` overrides.
+
+Precedence is CLI (`--set section.key=value`) > file > the defaults written here, once. An
+unknown section or key, a wrong type or a value out of range is a `UserError` naming the key.
+TOML has no null: optional values take the string "null" (or "none") and are written back so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from segdist.errors import UserError
+
+NULLS = ("null", "none")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"
+    """Folder holding `<split>-NNNNNN.tar` shards and `<split>.json` manifests."""
+    train_split: str = "train"
+    """Split trained on."""
+    val_split: str = "val"
+    """Split evaluated every `train.eval_every` steps and at the end."""
+    batch_size: int = 8
+    """Samples per process per micro-step (the effective batch is batch x grad_accum x world)."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process (0 = read in the main process)."""
+    augment: str = "shapes"
+    """Name of the training augmentation preset (see segdist/data/augment.py)."""
+    crop: list[int] = field(default_factory=lambda: [64, 64])
+    """Training crop as [height, width]."""
+    shuffle_buffer: int = 256
+    """Samples held in each worker's shuffle buffer."""
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _non_negative("data.num_workers", self.num_workers)
+        _non_negative("data.shuffle_buffer", self.shuffle_buffer)
+        if len(self.crop) != 2 or any(c <= 0 for c in self.crop):
+            raise UserError(f"data.crop must be [height, width] of positive ints, got {self.crop}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "Unet"
+    """segmentation-models-pytorch architecture name (Unet, FPN, DeepLabV3Plus, Segformer, ...)."""
+    encoder: str = "resnet18"
+    """Encoder name that the architecture accepts (smp names or timm `tu-...`)."""
+    encoder_weights: Optional[str] = None
+    """Pretrained encoder weights ("imagenet", ...), a local file, or "null" for random init."""
+    classes: Optional[int] = None
+    """Output classes; "null" takes the train manifest's class count."""
+    in_channels: int = 3
+    """Input image channels."""
+    decoder_channels: Optional[list[int]] = None
+    """Decoder widths for architectures that take a list (Unet, Unet++); "null" = smp default."""
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            _positive("model.classes", self.classes)
+        _positive("model.in_channels", self.in_channels)
+
+
+@dataclass
+class LossConfig:
+    terms: list[dict] = field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
+    """Weighted sum of loss terms, e.g. [{name = "ce", weight = 0.7}, {name = "dice", weight = 0.3}]."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy term."""
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise UserError("loss.terms is empty: give at least one term, e.g. [{name = \"ce\", weight = 1.0}]")
+        for i, term in enumerate(self.terms):
+            if "name" not in term:
+                raise UserError(f"loss.terms[{i}] has no name: write {{name = \"ce\", weight = 1.0}}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw, adam or sgd."""
+    lr: float = 1e-3
+    """Peak learning rate (reached after warmup)."""
+    weight_decay: float = 1e-4
+    """Weight decay (not applied to norms and biases)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW betas."""
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _non_negative("optim.weight_decay", self.weight_decay)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "poly"
+    """LR schedule in optimizer steps: constant, poly or cosine."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to optim.lr."""
+    power: float = 0.9
+    """Exponent of the poly schedule."""
+    min_lr: float = 0.0
+    """LR at the last step for poly and cosine."""
+
+    def __post_init__(self) -> None:
+        _non_negative("schedule.warmup_steps", self.warmup_steps)
+        _non_negative("schedule.min_lr", self.min_lr)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    precision: str = "bf16"
+    """bf16 (autocast) or fp32."""
+    clip_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end)."""
+    ckpt_every: int = 500
+    """Checkpoint every N optimizer steps (and always at the end)."""
+    run_dir: str = "runs/default"
+    """Run folder: recipe.toml, checkpoints/, tensorboard/, metrics/."""
+    seed: int = 0
+    """Seed of weights, data order and augmentation."""
+
+    def __post_init__(self) -> None:
+        _positive("train.steps", self.steps)
+        _positive("train.grad_accum", self.grad_accum)
+        _non_negative("train.eval_every", self.eval_every)
+        _positive("train.ckpt_every", self.ckpt_every)
+        _non_negative("train.clip_grad_norm", self.clip_grad_norm)
+        if self.precision not in ("bf16", "fp32"):
+            raise UserError(f"train.precision must be \"bf16\" or \"fp32\", got {self.precision!r}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    """Samples per process per evaluation batch."""
+    num_workers: int = 1
+    """DataLoader workers per process for evaluation."""
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        _non_negative("eval.num_workers", self.num_workers)
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Log train loss, LR and throughput every N optimizer steps."""
+    images: int = 4
+    """Fixed validation samples drawn to TensorBoard (input | truth | prediction) at each eval."""
+
+    def __post_init__(self) -> None:
+        _positive("log.every", self.every)
+        _non_negative("log.images", self.images)
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise UserError(f"{key} must be >= 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate, return a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found: give the path of a .toml recipe (see recipes/)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"recipe {path}: [{section}] must be a table")
+        raw[section][key] = value
+    return recipe_from_dict(raw, source=str(path))
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, value); the value is read as TOML, else a string."""
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise UserError(f"--set {item!r} is not section.key=value (e.g. --set train.steps=100)")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: --set model.arch=FPN
+    return section, key, value
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    for name in raw:
+        if name not in sections:
+            raise UserError(
+                f"{source}: unknown section [{name}]; valid sections: {', '.join(sections)}"
+            )
+    built = {}
+    for name, f in sections.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: [{name}] must be a table of key = value lines")
+        built[name] = _section_from_dict(f.default_factory, name, table, source)  # type: ignore[arg-type]
+    return Recipe(**built)
+
+
+def _section_from_dict(cls: type, section: str, table: dict, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise UserError(
+                f"{source}: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in NULLS:
+            return None
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {_describe(value)}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a table, got {_describe(value)}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be finite, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string (in quotes), got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported recipe type {hint} for {key}")  # a bug, not a user error
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dumps_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML that `load_recipe` reads back to an equal Recipe."""
+    lines = []
+    for section, table in recipe_to_dict(recipe).items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"null"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")

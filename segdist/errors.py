@@ -27,8 +27,17 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         code = main(argv)
     except UserError as exc:
         if _is_main_process():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def one_line(exc: BaseException) -> str:
+    """The user's message, also when a DataLoader worker wrapped it in its traceback text."""
+    text = str(exc).strip()
+    marker = "UserError: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
+    return text.splitlines()[0] if text else type(exc).__name__

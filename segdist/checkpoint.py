@@ -1,0 +1,182 @@
+"""Atomic checkpoints: `<run>/checkpoints/step-<N>/`, complete only with its COMPLETE marker.
+
+All ranks write into a temporary folder (rank 0 the shared files, each rank its RNG state), a
+barrier waits for every rank, then rank 0 writes the marker (which lists every file's size) and
+renames the folder into place with `os.replace`. A crash at any point leaves either the previous
+checkpoint or a temporary folder that resume never reads (FACTS: `save_state` alone is not
+atomic). Everything loads with `weights_only=True` or from safetensors: no pickle execution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from segdist.errors import UserError
+from segdist.fileio import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("segdist")
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimizer, scheduler,
+                    trainer_state: dict, recipe_toml: str) -> Path:
+    """Write checkpoint `name` atomically; every rank must call this (it holds two barriers)."""
+    root = checkpoints_dir(run_dir)
+    tmp = root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        atomic_write_json(tmp / "state.json", trainer_state)
+        atomic_write_text(tmp / "recipe.toml", recipe_toml)
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    # Every rank's files are on disk before the marker says so.
+    accelerator.wait_for_everyone()
+    final = root / name
+    if accelerator.is_main_process:
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        atomic_write_json(tmp / MARKER, {"name": name, "files": sizes})
+        _swap_into_place(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`, replacing an existing folder without a moment where neither is complete."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def publish_copy(src: Path, name: str) -> Path:
+    """Make `<checkpoints>/<name>` a complete copy of checkpoint `src` (hard links where possible)."""
+    tmp = src.parent / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in src.iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    final = src.parent / name
+    _swap_into_place(tmp, final)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """A marker is there and every file it lists has the size it recorded."""
+    marker = path / MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+        return all((path / n).stat().st_size == s for n, s in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete `step-N` with the highest N; incomplete ones are skipped with a warning."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))), reverse=True
+    )
+    for _, path in steps:
+        if is_complete(path):
+            return path
+        log.warning("skipping incomplete checkpoint %s (no marker or a truncated file)", path)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its `best`, else its latest complete step)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: give a run folder or a checkpoints/step-N folder")
+    if (path / MARKER).exists() or (path / "model.safetensors").exists():
+        if not is_complete(path):
+            raise UserError(f"checkpoint {path} is incomplete (no marker or a truncated file): use an earlier one")
+        return path
+    best = checkpoints_dir(path) / "best"
+    if is_complete(best):
+        return best
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"no complete checkpoint in {path}: train first, or give a checkpoint folder")
+    return latest
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    state = load_file(str(path / "model.safetensors"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(
+            f"checkpoint {path} does not fit this recipe's model ({first[1].strip() if len(first) > 1 else first[0]}); "
+            "use the recipe it was trained with (it is saved beside it as recipe.toml)"
+        ) from None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
+    """Restore weights, optimizer, schedule and this rank's RNG; return the trainer state."""
+    load_weights(path, model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng_file = path / f"rng-{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

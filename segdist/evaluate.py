@@ -1,0 +1,73 @@
+"""Exact distributed evaluation and the `launch/eval.py` entry point.
+
+Each rank reads a disjoint part of the split (segdist.data.stream.EvalStream), runs the unwrapped
+model (no DDP collectives in the loop), and counts an int64 confusion matrix at the label's own
+resolution. After the loop ONE all-reduce sums the matrix together with the sample count; the
+summed pixel count must equal the manifest's valid-pixel total.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from segdist.data.manifest import Manifest
+from segdist.data.stream import EvalStream, eval_loader
+from segdist.errors import UserError
+from segdist.metrics import ConfusionMatrix, metrics_from_confusion
+
+log = logging.getLogger("segdist")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC batch → normalised float NCHW on the device (normalising there is cheaper
+    than shipping floats from the loader workers)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return (x - MEAN.to(device)) / STD.to(device)
+
+
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """Label map from logits: argmax, or logit > 0 for a single-logit (binary) model."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).to(torch.int64)
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int,
+             num_workers: int, check_total: bool = True) -> dict:
+    """Metrics of `model` on the whole split, identical for any world size."""
+    was_training = model.training
+    model.eval()
+    stream = EvalStream(manifest.shard_paths(), rank=accelerator.process_index, world=accelerator.num_processes,
+                        num_classes=manifest.num_classes, ignore_index=manifest.ignore_index)
+    loader = eval_loader(stream, batch_size, num_workers, manifest.ignore_index,
+                         pin_memory=accelerator.device.type == "cuda")
+    cm = ConfusionMatrix(manifest.num_classes, manifest.ignore_index, accelerator.device)
+    samples = 0
+    for _, images, masks in loader:
+        with accelerator.autocast():
+            logits = model(to_input(images, accelerator.device))
+        cm.update(predict(logits.float()), masks.to(accelerator.device, non_blocking=True))
+        samples += len(masks)
+    # The one collective: the matrix and the sample count, summed over ranks.
+    n = manifest.num_classes
+    packed = torch.cat([cm.matrix.flatten(), torch.tensor([samples], dtype=torch.int64, device=cm.matrix.device)])
+    packed = accelerator.reduce(packed, reduction="sum")
+    cm.matrix = packed[: n * n].reshape(n, n)
+    metrics = metrics_from_confusion(cm.matrix.cpu())
+    metrics["num_samples"] = int(packed[-1])
+    metrics["world_size"] = accelerator.num_processes
+    metrics["split"] = manifest.split
+    if check_total and (metrics["valid_pixels"] != manifest.valid_pixels or metrics["num_samples"] != manifest.num_samples):
+        raise UserError(
+            f"evaluation of split {manifest.split!r} counted {metrics['num_samples']} samples and "
+            f"{metrics['valid_pixels']} valid pixels, the manifest says {manifest.num_samples} and "
+            f"{manifest.valid_pixels}: the shards changed since conversion; run launch/shard.py verify"
+        )
+    model.train(was_training)
+    return metrics

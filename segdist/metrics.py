@@ -1,0 +1,86 @@
+"""Exact segmentation metrics from an int64 confusion matrix.
+
+Each rank counts its own pixels with `bincount` on the device (never float histograms: FACTS,
+float32 bins stop counting at 2^24), the ignore index excluded; ONE all-reduce sums the matrices
+after the loop, so the result equals a single process's count bit for bit whatever the world size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ConfusionMatrix:
+    """Rows = ground truth, columns = prediction; counts are int64."""
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Count pixels of integer predictions against integer labels of the same shape."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ")
+        valid = target != self.ignore_index
+        n = self.num_classes
+        index = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
+        self.matrix += torch.bincount(index, minlength=n * n).reshape(n, n)
+
+    def reduce(self, accelerator) -> None:
+        """Sum the matrices of all ranks: the one collective of an evaluation."""
+        self.matrix = accelerator.reduce(self.matrix, reduction="sum")
+
+    def compute(self) -> dict:
+        return metrics_from_confusion(self.matrix.cpu())
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den > 0 else None
+
+
+def metrics_from_confusion(matrix: torch.Tensor) -> dict:
+    """IoU = TP / (TP + FP + FN) per class (None where the union is 0), mIoU over the rest;
+    pixel accuracy, mean class accuracy, per-class precision, recall and Dice."""
+    cm = [[int(v) for v in row] for row in matrix.tolist()]
+    n = len(cm)
+    tp = [cm[i][i] for i in range(n)]
+    gt = [sum(cm[i]) for i in range(n)]
+    pr = [sum(cm[r][i] for r in range(n)) for i in range(n)]
+    iou = [_ratio(tp[i], gt[i] + pr[i] - tp[i]) for i in range(n)]
+    recall = [_ratio(tp[i], gt[i]) for i in range(n)]
+    precision = [_ratio(tp[i], pr[i]) for i in range(n)]
+    dice = [_ratio(2 * tp[i], gt[i] + pr[i]) for i in range(n)]
+    total = sum(gt)
+    present = [v for v in iou if v is not None]
+    accs = [v for v in recall if v is not None]
+    return {
+        "miou": sum(present) / len(present) if present else math.nan,
+        "per_class_iou": iou,
+        "pixel_accuracy": _ratio(sum(tp), total),
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "per_class": {"precision": precision, "recall": recall, "dice": dice},
+        "confusion_matrix": cm,
+        "valid_pixels": total,
+    }
+
+
+def format_table(metrics: dict, class_names: list[str]) -> str:
+    """The per-class table printed after an evaluation."""
+    width = max(8, *(len(c) for c in class_names))
+    fmt = lambda v: "   n/a" if v is None else f"{100 * v:6.2f}"  # noqa: E731
+    pc = metrics["per_class"]
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'prec':>6}  {'recall':>6}  {'dice':>6}"]
+    for i, name in enumerate(class_names):
+        lines.append(
+            f"{name:<{width}}  {fmt(metrics['per_class_iou'][i])}  {fmt(pc['precision'][i])}  "
+            f"{fmt(pc['recall'][i])}  {fmt(pc['dice'][i])}"
+        )
+    lines.append(
+        f"{'mIoU':<{width}}  {fmt(metrics['miou'])}   pixel acc {fmt(metrics['pixel_accuracy'])}   "
+        f"mean acc {fmt(metrics['mean_accuracy'])}"
+    )
+    return "\n".join(lines)

@@ -71,3 +71,44 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
         )
     model.train(was_training)
     return metrics
+
+
+def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: str | None = None) -> dict:
+    """`launch/eval.py`: load a checkpoint, evaluate a split on every rank, print, write JSON."""
+    from segdist.checkpoint import load_weights, resolve_checkpoint
+    from segdist.data.manifest import load_manifest
+    from segdist.distributed import make_accelerator, setup_logging
+    from segdist.engine import resolve_classes
+    from segdist.fileio import atomic_write_json
+    from segdist.metrics import format_table
+    from segdist.models import build_model
+
+    manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
+    path = resolve_checkpoint(checkpoint)
+    model = build_model(recipe.model, resolve_classes(recipe.model, manifest))
+    load_weights(path, model)
+    if out is not None and not _writable_parent(out):
+        raise UserError(f"--out {out}: its folder does not exist or is not writable")
+    accelerator = make_accelerator(recipe.train.precision)
+    setup_logging(accelerator.is_main_process)
+    model.to(accelerator.device)
+    log.info("evaluating %s on split %r (%d samples) with %d processes",
+             path, manifest.split, manifest.num_samples, accelerator.num_processes)
+    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers)
+    metrics["checkpoint"] = str(path)
+    if accelerator.is_main_process:
+        print(format_table(metrics, manifest.classes), flush=True)
+        print(f"mIoU {metrics['miou']:.4f} on {metrics['num_samples']} samples, "
+              f"{metrics['valid_pixels']} valid pixels ({accelerator.num_processes} processes)", flush=True)
+        if out is not None:
+            atomic_write_json(out, metrics)
+    accelerator.end_training()
+    return metrics
+
+
+def _writable_parent(out: str) -> bool:
+    import os
+    from pathlib import Path
+
+    parent = Path(out).resolve().parent
+    return parent.is_dir() and os.access(parent, os.W_OK)

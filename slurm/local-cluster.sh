@@ -91,9 +91,11 @@ install_packages() {
     fi
     log "installing slurm-wlm and munge (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    timeout 300 apt-get update -qq || die "apt-get update failed"
-    timeout 900 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
-        || die "apt-get install slurm-wlm munge failed"
+    local apt_log=/tmp/segdist-slurm-apt.log
+    timeout 300 apt-get update -qq >"$apt_log" 2>&1 \
+        || die "apt-get update failed:$(echo; tail -n 20 "$apt_log")"
+    timeout 900 apt-get install -y -qq --no-install-recommends slurm-wlm munge >>"$apt_log" 2>&1 \
+        || die "apt-get install slurm-wlm munge failed:$(echo; tail -n 20 "$apt_log")"
     packages_installed || die "slurm-wlm/munge still not installed after apt-get install"
 }
 
@@ -205,7 +207,7 @@ stop_daemons() {
         local jobs i
         jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
         if [[ -n $jobs ]]; then
-            log "cancelling jobs: $(echo $jobs)"
+            log "cancelling jobs: ${jobs//$'\n'/ }"
             # shellcheck disable=SC2086
             timeout 10 scancel --full $jobs 2>/dev/null || true
             for ((i = 0; i < 40; i++)); do
@@ -265,7 +267,7 @@ cmd_up() {
         states=$(timeout 10 sinfo -N -h -o '%N %t' 2>/dev/null | sort -u || true)
         if [[ $(grep -c ' idle$' <<<"$states") -eq ${#NODES[@]} ]]; then break; fi
         if ((SECONDS >= deadline)); then
-            echo "local-cluster: error: nodes not idle after ${UP_TIMEOUT}s:" >&2
+            echo "local-cluster: error: nodes not idle after ${UP_TIMEOUT}s (run '$0 down' to clean up):" >&2
             echo "$states" >&2
             for n in "${NODES[@]}"; do
                 echo "--- $LOG_DIR/slurmd.$n.log" >&2; tail -n 10 "$LOG_DIR/slurmd.$n.log" >&2 || true
@@ -295,6 +297,8 @@ cmd_down() {
 
 cmd_status() {
     command -v sinfo >/dev/null || die "slurm is not installed; run: $0 up"
+    # sinfo retries for ~10 s when no controller answers: say so at once instead
+    pid_alive "$RUN_DIR/slurmctld.pid" >/dev/null || die "the local cluster is not running; run: $0 up"
     timeout 10 sinfo -N
 }
 

@@ -111,7 +111,9 @@ def _show(paths: list, n: int = 3) -> str:
     return ", ".join(str(p) for p in paths[:n]) + more
 
 
-def index_by_key(files: Iterable[Path], key_fn: Callable[[Path], str | None], what: str) -> tuple[dict[str, Path], list[Path]]:
+def index_by_key(
+    files: Iterable[Path], key_fn: Callable[[Path], str | None], what: str, hint: str = "sample keys must be unique"
+) -> tuple[dict[str, Path], list[Path]]:
     """Map key → file; files whose key is None are returned apart. Two files, one key: `UserError`."""
     found: dict[str, Path] = {}
     nokey: list[Path] = []
@@ -120,7 +122,7 @@ def index_by_key(files: Iterable[Path], key_fn: Callable[[Path], str | None], wh
         if key is None:
             nokey.append(f)
         elif key in found:
-            raise UserError(f"{what} {found[key]} and {f} both pair as {key!r}: make file names unique or use --pair REGEX")
+            raise UserError(f"{what} {found[key]} and {f} both have the key {key!r}: {hint}")
         else:
             found[key] = f
     return found, nokey

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     both = sorted(set(image_files) & set(mask_files))
     if both:
         raise UserError(f"{both[0]} matches both --images and --masks: make the globs disjoint")
-    images, image_nokey = index_by_key(image_files, key_fn, "images")
-    masks, mask_nokey = index_by_key(mask_files, key_fn, "masks")
+    unique = "make the file names unique or choose a --pair REGEX whose key differs"
+    images, image_nokey = index_by_key(image_files, key_fn, "images", unique)
+    masks, mask_nokey = index_by_key(mask_files, key_fn, "masks", unique)
     nokey = image_nokey + mask_nokey
     if nokey and not args.allow_unpaired:
         shown = ", ".join(map(str, nokey[:3])) + (f" and {len(nokey) - 3} more" if len(nokey) > 3 else "")

@@ -1,0 +1,72 @@
+"""Exact evaluation: world sizes 1, 2 and 3 give the same int64 confusion matrix, equal to a
+plain numpy count in this test and summing to the manifest's valid pixels."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import launch
+from segdist.checkpoint import resolve_checkpoint
+from segdist.data.manifest import load_manifest
+from segdist.evaluate import MEAN, STD
+from segdist.models import build_model
+from segdist.recipe import load_recipe
+from safetensors.torch import load_file
+
+
+def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
+    """Decode every sample with PIL, predict one at a time, count with numpy."""
+    recipe = load_recipe(recipe_path)
+    model = build_model(recipe.model, 4)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    model.eval()
+    cm = np.zeros((4, 4), dtype=np.int64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for path in manifest.shard_paths():
+            with tarfile.open(path) as tar:
+                files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name in sorted(n for n in files if n.endswith(".mask.png")):
+                key = name[: -len(".mask.png")]
+                image = np.asarray(Image.open(io.BytesIO(files[f"{key}.image.png"])).convert("RGB"))
+                mask = np.asarray(Image.open(io.BytesIO(files[name]))).astype(np.int64)
+                x = (torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() - MEAN) / STD
+                with torch.no_grad():
+                    pred = model(x).argmax(1)[0].numpy()
+                valid = mask != 255
+                np.add.at(cm, (mask[valid], pred[valid]), 1)
+    finally:
+        torch.set_num_threads(threads)
+    return cm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, worlds", [("val7", [1, 2, 3]), ("val7b", [3])])
+def test_eval_is_exact_for_any_world_size(trained_run, tmp_path, split, worlds):
+    recipe, run = trained_run
+    manifest = load_manifest(load_recipe(recipe).data.root, split)
+    reference = numpy_reference(recipe, resolve_checkpoint(run), manifest)
+    assert reference.sum() == manifest.valid_pixels
+    for world in worlds:
+        out = tmp_path / f"m{world}.json"
+        result = launch("eval.py", [str(recipe), "--checkpoint", str(run), "--split", split, "--out", str(out),
+                                    "--set", "eval.batch_size=1"], nproc=world)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads(out.read_text())
+        assert metrics["world_size"] == world
+        assert metrics["num_samples"] == 7
+        assert metrics["valid_pixels"] == manifest.valid_pixels
+        assert np.array_equal(np.array(metrics["confusion_matrix"], dtype=np.int64), reference), world
+        assert "mIoU" in result.stdout
+
+
+def test_eval_of_missing_checkpoint_exits_2(tiny_recipe, tmp_path):
+    result = launch("eval.py", [str(tiny_recipe), "--checkpoint", str(tmp_path / "nope")])
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr

@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from segdist.errors import UserError
+from segdist.recipe import Recipe, dumps_toml, load_recipe, parse_override
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_demo_recipe_loads():
+    r = load_recipe(ROOT / "recipes" / "shapes_unet.toml")
+    assert r.model.arch == "Unet" and r.model.encoder_weights is None and r.data.batch_size == 16
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, "[train]\nsteps = 10\n")
+    r = load_recipe(p, ["train.steps=20", "model.arch=FPN", "model.encoder_weights=null", "optim.lr=1e-2",
+                        "data.crop=[48, 64]", "loss.terms=[{name = \"ce\", weight = 0.5}]"])
+    assert r.train.steps == 20 and r.model.arch == "FPN" and r.model.encoder_weights is None
+    assert r.optim.lr == 0.01 and r.data.crop == [48, 64] and r.loss.terms == [{"name": "ce", "weight": 0.5}]
+    assert r.train.grad_accum == Recipe().train.grad_accum
+
+
+def test_int_accepted_for_float(tmp_path):
+    assert load_recipe(write(tmp_path, "[optim]\nlr = 1\n")).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[train]\nstepz = 3\n", "train.stepz"),
+        ("[trian]\nsteps = 3\n", "[trian]"),
+        ("[train]\nsteps = \"ten\"\n", "train.steps"),
+        ("[train]\nsteps = 1.5\n", "train.steps"),
+        ("[data]\nbatch_size = true\n", "data.batch_size"),
+        ("[train]\nprecision = \"fp16\"\n", "train.precision"),
+        ("[data]\ncrop = 64\n", "data.crop"),
+        ("[optim]\nlr = -1.0\n", "optim.lr"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, text, needle):
+    with pytest.raises(UserError, match=None) as err:
+        load_recipe(write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(UserError, match="section.key=value"):
+        parse_override("steps=3")
+
+
+def test_round_trip(tmp_path):
+    r = load_recipe(ROOT / "recipes" / "shapes_unet.toml", ["model.encoder_weights=imagenet"])
+    again = load_recipe(write(tmp_path, dumps_toml(r)))
+    assert again == r
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--set", "train.stepz=3"], "train.stepz"), (["--set", "train.steps=abc"], "train.steps")],
+)
+def test_cli_exit_2_one_line(args, needle):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), str(ROOT / "recipes" / "shapes_unet.toml"), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr

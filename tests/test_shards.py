@@ -1,0 +1,71 @@
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shard
+from segdist.data.manifest import load_manifest
+from segdist.data.shards import ShardWriter, encode_png
+from segdist.errors import UserError
+
+
+def test_same_seed_byte_identical_shards(tmp_path):
+    for out in ("a", "b"):
+        shard(["shapes", "--out", str(tmp_path / out), "--split", "s", "--count", "9", "--size", "16", "24",
+               "--seed", "4", "--samples-per-shard", "4", "--workers", "2" if out == "b" else "1"])
+    for name in ("s-000000.tar", "s-000001.tar", "s-000002.tar", "s.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_manifest_matches_shards(tmp_path):
+    shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "9", "--size", "16", "24",
+           "--seed", "4", "--samples-per-shard", "4"])
+    m = load_manifest(tmp_path, "s")
+    assert [s.samples for s in m.shards] == [4, 4, 1] and m.num_samples == 9
+    counts = np.zeros(5, dtype=np.int64)
+    for info in m.shards:
+        data = (tmp_path / info.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info.sha256
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".mask.png"):
+                    mask = np.asarray(Image.open(tar.extractfile(member)))
+                    counts += np.bincount(mask.ravel(), minlength=256)[:5]
+    assert m.class_pixels == counts.tolist()
+    assert json.loads((tmp_path / "s.json").read_text())["valid_pixels"] == int(counts.sum())
+
+
+def test_label_out_of_range_names_sample(tmp_path):
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]])
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 0] = 7
+    with pytest.raises(UserError, match="sample k1"):
+        w.write("k1", encode_png(np.zeros((4, 4, 3), np.uint8)), "png", mask)
+
+
+def test_interrupted_conversion_leaves_no_manifest_and_no_partial_shard(tmp_path):
+    shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "3", "--size", "16", "16"])
+    assert (tmp_path / "s.json").exists()
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]], samples_per_shard=10) as w:
+            w.write("k", encode_png(np.zeros((4, 4, 3), np.uint8)), "png", np.zeros((4, 4), np.uint8))
+            raise RuntimeError("interrupted")
+    assert not (tmp_path / "s.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000000.tar"]  # the old one; no temp file
+
+
+def test_rerun_replaces_cleanly(tmp_path):
+    args = ["shapes", "--out", str(tmp_path), "--split", "s", "--size", "16", "16", "--samples-per-shard", "2"]
+    shard([*args, "--count", "6"])
+    shard([*args, "--count", "3"])
+    assert sorted(p.name for p in tmp_path.glob("s-*.tar")) == ["s-000000.tar", "s-000001.tar"]
+    assert load_manifest(tmp_path, "s").num_samples == 3
+
+
+def test_missing_manifest_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_manifest(tmp_path, "nope")

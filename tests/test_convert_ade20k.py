@@ -1,44 +1,21 @@
 """ADE20K converter on a tiny ADEChallengeData2016 tree in the official layout."""
 
-import io
-import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segdist.data.convert import build_parser
 from segdist.data.convert.ade20k_classes import OBJECT_INFO_150, PALETTE_150
 from segdist.errors import UserError
+from shardtools import shard, read_split, decode
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 NAMES = {"training": ["ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000003"],
          "validation": ["ADE_val_00000001"]}
-
-
-def shard(*argv):
-    args = build_parser().parse_args([str(a) for a in argv])
-    return args.run(args)
-
-
-def read_split(out, split):
-    manifest = json.loads((out / f"{split}.json").read_text())
-    samples = {}
-    for info in manifest["shards"]:
-        with tarfile.open(out / info["file"]) as tar:
-            for member in tar:
-                key, _, kind = member.name.partition(".")
-                samples.setdefault(key, {})[kind] = tar.extractfile(member).read()
-    return manifest, samples
-
-
-def decode(data):
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def make_ade(root: Path, seed=0) -> dict:

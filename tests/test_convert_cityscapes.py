@@ -4,7 +4,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,32 +11,12 @@ import pytest
 from cityscapesscripts.helpers.labels import id2label, trainId2label
 from PIL import Image
 
-from segdist.data.convert import build_parser
 from segdist.errors import UserError
+from shardtools import shard, read_split, decode
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 FRAMES = {"aachen": ["aachen_000000_000019", "aachen_000001_000019"], "bochum": ["bochum_000000_000313"]}
-
-
-def shard(*argv):
-    args = build_parser().parse_args([str(a) for a in argv])
-    return args.run(args)
-
-
-def read_split(out, split):
-    manifest = json.loads((out / f"{split}.json").read_text())
-    samples = {}
-    for info in manifest["shards"]:
-        with tarfile.open(out / info["file"]) as tar:
-            for member in tar:
-                key, _, kind = member.name.partition(".")
-                samples.setdefault(key, {})[kind] = tar.extractfile(member).read()
-    return manifest, samples
-
-
-def decode(data):
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def make_cityscapes(root: Path, split="train", seed=0) -> dict:

@@ -1,44 +1,22 @@
 """PASCAL VOC converter on a tiny VOCdevkit/VOC2012 tree in the official layout."""
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segdist.data.convert import build_parser
 from segdist.data.convert.imageio import voc_palette
 from segdist.data.convert.voc import VOC_CLASSES
 from segdist.errors import UserError
+from shardtools import shard, read_split, decode
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 TRAIN = ["2007_000032", "2007_000039", "2008_000123"]
-
-
-def shard(*argv):
-    args = build_parser().parse_args([str(a) for a in argv])
-    return args.run(args)
-
-
-def read_split(out, split):
-    manifest = json.loads((out / f"{split}.json").read_text())
-    samples = {}
-    for info in manifest["shards"]:
-        with tarfile.open(out / info["file"]) as tar:
-            for member in tar:
-                key, _, kind = member.name.partition(".")
-                samples.setdefault(key, {})[kind] = tar.extractfile(member).read()
-    return manifest, samples
-
-
-def decode(data):
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def save_palette_png(indices: np.ndarray, path: Path) -> None:

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segdist.data.convert import build_parser
 from segdist.errors import UserError
+from shardtools import shard
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shard(*argv):
-    args = build_parser().parse_args([str(a) for a in argv])
-    return args.run(args)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         palette=PALETTE[: args.classes], samples_per_shard=args.samples_per_shard,
         shard_size_mb=args.shard_size_mb, source={"generator": "segdist.data.shapes"}, options=options,
     ) as writer:
-        bar = tqdm(total=args.count, desc=f"shapes {args.split}", unit="img")
+        bar = tqdm(total=args.count, desc=f"shapes {args.split}", unit="img", disable=None)
         for key, image, mask in parallel_map(encode, range(args.count), args.workers):
             writer.write(key, image, "png", mask)
             bar.update()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "hexagon", "half-disc")
+AREA_SCALE = {"triangle": 1.45, "square": 1.05, "cross": 1.3, "half-disc": 1.35}
 PALETTE = [
     [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
     [245, 130, 48], [145, 30, 180], [70, 240, 240],
@@ -78,15 +79,26 @@ def make_scene(
     mask = np.zeros((height, width), dtype=np.uint8)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     size = min(height, width)
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(1, 4))):
         cls = int(rng.integers(1, num_classes))
-        r = rng.uniform(0.1, 0.22) * size
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        r = rng.uniform(0.12, 0.24) * size
+        # Centres keep most of the shape in view, so its geometry can be seen (a disc cut by the
+        # border would look like a half-disc).
+        cy, cx = rng.uniform(0.7 * r, height - 0.7 * r), rng.uniform(0.7 * r, width - 0.7 * r)
         a = rng.uniform(0, 2 * np.pi)
         u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
         v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
-        inside = _inside(SHAPES[cls - 1], u, v, r)
+        # Radii scaled so every kind covers a similar area (a triangle of circumradius r has
+        # less than half a disc's): no class is learned from size, or lost for lack of pixels.
+        inside = _inside(SHAPES[cls - 1], u, v, r * AREA_SCALE.get(SHAPES[cls - 1], 1.0))
+        # A random colour that stands out from the background under the shape: random colours
+        # keep colour from giving the class away; contrast keeps the shape visible at all.
+        ground = image[int(np.clip(cy, 0, height - 1)), int(np.clip(cx, 0, width - 1))]
         colour = rng.uniform(0, 255, size=3)
+        for _ in range(20):
+            if np.linalg.norm(colour - ground) >= 100:
+                break
+            colour = rng.uniform(0, 255, size=3)
         image[inside] = colour + rng.normal(0, 12, size=(int(inside.sum()), 3))
         mask[inside] = cls
     for _ in range(int(rng.integers(0, 3))):

@@ -8,6 +8,7 @@ summed pixel count must equal the manifest's valid-pixel total.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -85,8 +86,12 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
 
     manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
     path = resolve_checkpoint(checkpoint)
-    model = build_model(recipe.model, resolve_classes(recipe.model, manifest))
+    # The checkpoint holds every weight: never ask a hub for pretrained ones.
+    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), resolve_classes(recipe.model, manifest))
     load_weights(path, model)
+    if (path / "ema.pt").exists():
+        # Training chose `best` by the EMA copy's mIoU: evaluate the same weights.
+        model.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"])
     if out is not None and not _writable_parent(out):
         raise UserError(f"--out {out}: its folder does not exist or is not writable")
     accelerator = make_accelerator(recipe.train.precision)

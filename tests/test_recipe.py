@@ -16,7 +16,7 @@ def write(tmp_path, text):
 
 def test_shipped_demo_recipe_loads():
     r = load_recipe(ROOT / "recipes" / "shapes_unet.toml")
-    assert r.model.arch == "Unet" and r.model.encoder_weights is None and r.data.batch_size == 8
+    assert r.model.arch == "unet" and r.model.encoder_weights is None and r.data.batch_size == 8
 
 
 def test_defaults_and_overrides(tmp_path):

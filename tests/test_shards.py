@@ -47,15 +47,61 @@ def test_label_out_of_range_names_sample(tmp_path):
         w.write("k1", encode_png(np.zeros((4, 4, 3), np.uint8)), "png", mask)
 
 
-def test_interrupted_conversion_leaves_no_manifest_and_no_partial_shard(tmp_path):
+def _write_some(w, n):
+    for i in range(n):
+        w.write(f"k{i}", encode_png(np.zeros((4, 4, 3), np.uint8)), "png", np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("how", [RuntimeError, KeyboardInterrupt, "abort"])
+def test_interrupted_conversion_leaves_the_previous_one_intact(tmp_path, how):
     shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "3", "--size", "16", "16"])
-    assert (tmp_path / "s.json").exists()
-    with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]], samples_per_shard=10) as w:
-            w.write("k", encode_png(np.zeros((4, 4, 3), np.uint8)), "png", np.zeros((4, 4), np.uint8))
-            raise RuntimeError("interrupted")
-    assert not (tmp_path / "s.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000000.tar"]  # the old one; no temp file
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["s-000000.tar", "s.json"]
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]], samples_per_shard=2)
+    if how == "abort":
+        _write_some(w, 5)  # two finished shards and one in progress, all under temporary names
+        assert len(list(tmp_path.glob(".s-*.tar.tmp"))) == 3
+        w.abort()
+    else:
+        with pytest.raises(how):
+            with w:
+                _write_some(w, 5)
+                raise how("interrupted")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, nothing changed
+    assert load_manifest(tmp_path, "s").num_samples == 3
+    shard(["verify", str(tmp_path), "--deep"])
+
+
+def test_close_swaps_in_the_new_conversion_and_removes_leftovers(tmp_path):
+    shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "6", "--size", "16", "16", "--samples-per-shard", "2"])
+    (tmp_path / ".s-000007.tar.tmp").write_bytes(b"left by a killed conversion")
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]], samples_per_shard=4)
+    _write_some(w, 5)
+    # Until close(), readers still see the old conversion, consistent and complete.
+    assert load_manifest(tmp_path, "s").num_samples == 6
+    shard(["verify", str(tmp_path)])
+    m = w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000000.tar", "s-000001.tar", "s.json"]
+    assert m.num_samples == 5 and load_manifest(tmp_path, "s").num_samples == 5
+    shard(["verify", str(tmp_path), "--deep"])
+
+
+def test_converting_a_split_leaves_splits_with_a_longer_name_alone(tmp_path):
+    common = ["--out", str(tmp_path), "--size", "16", "16", "--samples-per-shard", "2"]
+    shard(["shapes", *common, "--split", "train-aug", "--count", "3"])
+    shard(["shapes", *common, "--split", "train", "--count", "3"])
+    shard(["shapes", *common, "--split", "train", "--count", "1"])  # removes train-000001.tar only
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["train-000000.tar", "train-aug-000000.tar", "train-aug-000001.tar", "train-aug.json", "train.json"]
+    shard(["verify", str(tmp_path), "--deep"])
+
+
+def test_no_samples_is_a_user_error_and_changes_nothing(tmp_path):
+    shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "1", "--size", "16", "16"])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match="no samples"):
+        ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]]).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_rerun_replaces_cleanly(tmp_path):

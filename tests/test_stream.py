@@ -1,11 +1,15 @@
-from collections import Counter
+import logging
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 
 from segdist.data.augment import build_augment
 from segdist.data.manifest import load_manifest
-from segdist.data.stream import EvalStream, TrainStream, eval_loader, train_loader
+from segdist.data.shards import ShardWriter, encode_png
+from segdist.data.stream import (CorruptSample, EvalStream, ShardError, TrainStream, eval_loader, read_shard,
+                                 train_loader)
 from segdist.errors import UserError
 
 
@@ -44,11 +48,12 @@ def test_train_stream_is_deterministic_and_resumes_at_the_exact_batch(shapes_roo
     manifest = load_manifest(shapes_root, "train")
     full = take(make_train(manifest), workers, 7)
     again = take(make_train(manifest), workers, 7)
-    resumed = take(make_train(manifest, start_batch=4), workers, 3)
     for (a, am), (b, bm) in zip(full, again):
         assert torch.equal(a, b) and torch.equal(am, bm)
-    for (a, am), (b, bm) in zip(full[4:], resumed):
-        assert torch.equal(a, b) and torch.equal(am, bm)
+    for start in (3, 4):  # an odd start: the batch due next comes from worker 1, not 0
+        resumed = take(make_train(manifest, start_batch=start), workers, 3)
+        for (a, am), (b, bm) in zip(full[start:], resumed):
+            assert torch.equal(a, b) and torch.equal(am, bm)
     assert full[0][0].shape == (3, 32, 32, 3) and full[0][1].shape == (3, 32, 32)
 
 
@@ -73,3 +78,126 @@ def test_label_out_of_range_at_read_names_the_sample(shapes_root):
     stream = EvalStream(manifest.shard_paths(), rank=0, world=1, num_classes=2, ignore_index=255)
     with pytest.raises(UserError, match="sample shapes_2_"):
         list(stream)
+
+
+# -- corrupt data -----------------------------------------------------------------------------------
+
+
+def write_split(root, samples, per_shard=4, split="s"):
+    """Shards of 8x8 samples; `samples` lists keys, "bad*" keys get image bytes that do not decode."""
+    w = ShardWriter(root, split, dataset="t", classes=["a", "b", "c", "d"], palette=[[0, 0, 0]] * 4,
+                    samples_per_shard=per_shard)
+    for i, key in enumerate(samples):
+        image = encode_png(np.full((8, 8, 3), i * 5 % 256, np.uint8))
+        mask = np.full((8, 8), i % 4, np.uint8)
+        w.write(key, b"not an image" if key.startswith("bad") else image, "png", mask)
+    return w.close()
+
+
+def stream_of(manifest, on_corrupt, start_batch=0, batch_size=3):
+    return TrainStream(
+        manifest.shard_paths(), rank=0, world=1, seed=5, transform=build_augment("crop", (8, 8), 255),
+        num_classes=4, ignore_index=255, shuffle_buffer=4, batch_size=batch_size, start_batch=start_batch,
+        on_corrupt=on_corrupt,
+    )
+
+
+def test_a_shard_cut_between_two_members_is_caught(shapes_root, tmp_path):
+    src = load_manifest(shapes_root, "val7").shard_paths()[0]  # 3 samples
+    with tarfile.open(src) as tar:
+        cut = [m.offset for m in tar.getmembers() if m.name.endswith(".image.png")][2]  # before sample 3
+    bad = tmp_path / "val7-000000.tar"
+    bad.write_bytes(src.read_bytes()[:cut])
+    read = []
+    with pytest.raises(ShardError, match="val7-000000.tar is truncated or corrupt after 1 samples") as err:
+        for sample in read_shard(bad):
+            read.append(sample["__key__"])
+    # sample 2 was complete but unconfirmed when the file ended: dropped, like the rest of the shard
+    assert len(read) == 1 and err.value.samples == 1
+    with pytest.raises(UserError, match="val7-000000.tar"):
+        list(EvalStream([bad], rank=0, world=1, num_classes=4, ignore_index=255))
+
+
+def test_skip_drops_the_rest_of_a_truncated_shard_deterministically(tmp_path, caplog):
+    m = write_split(tmp_path, [f"k{i}" for i in range(12)])
+    broken = m.shard_paths()[1]  # k4..k7
+    with tarfile.open(broken) as tar:
+        cut = next(x.offset_data for x in tar.getmembers() if x.name == "k5.mask.png") + 10
+    broken.write_bytes(broken.read_bytes()[:cut])  # k4 complete, k5 cut in its mask
+    with pytest.raises(ShardError, match="s-000001.tar is truncated or corrupt after 1 samples"):
+        take(stream_of(m, "fail"), 0, 4)
+    with caplog.at_level(logging.WARNING, logger="segdist"):
+        a = take(stream_of(m, "skip"), 0, 6)  # 18 samples: the 9 readable ones, twice
+    warnings = [r.getMessage() for r in caplog.records]
+    b = take(stream_of(m, "skip"), 0, 6)
+    assert all(torch.equal(x, y) and torch.equal(xm, ym) for (x, xm), (y, ym) in zip(a, b))
+    assert len(warnings) == 2 and all("skipping the rest of shard" in w and "s-000001.tar after 1 samples" in w
+                                      for w in warnings)
+    assert warnings[1].endswith("so far rank 0 worker 0 skipped 0 undecodable samples and the rest of 2 shards")
+    # the pixel values identify samples (k_i is filled with 5 i): k5, k6, k7 never appear, k4 does
+    seen = {int(img[j, 0, 0, 0]) // 5 for img, _ in a for j in range(len(img))}
+    assert seen == {0, 1, 2, 3, 4, 8, 9, 10, 11}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_replaces_an_undecodable_sample_and_resumes_exactly(tmp_path, workers):
+    m = write_split(tmp_path, ["k0", "k1", "bad2", "k3", "k4", "bad5", "bad6", "k7"])
+    with pytest.raises(CorruptSample, match="sample bad"):
+        take(stream_of(m, "fail"), 0, 5)
+    full = take(stream_of(m, "skip"), workers, 8)
+    again = take(stream_of(m, "skip"), workers, 8)
+    resumed = take(stream_of(m, "skip", start_batch=3), workers, 5)
+    for (a, am), (b, bm) in zip(full, again):
+        assert torch.equal(a, b) and torch.equal(am, bm)
+    for (a, am), (b, bm) in zip(full[3:], resumed):
+        assert torch.equal(a, b) and torch.equal(am, bm)
+    assert full[0][0].shape == (3, 8, 8, 3)
+
+
+def test_skip_names_the_sample_and_counts(tmp_path, caplog):
+    m = write_split(tmp_path, ["k0", "bad1", "k2", "k3"])
+    with caplog.at_level(logging.WARNING, logger="segdist"):
+        take(stream_of(m, "skip", batch_size=4), 0, 2)  # two passes over 4 samples
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("skipping sample bad1 of shard" in msg for msg in messages)
+    assert "s-000000.tar (it has an image that does not decode)" in messages[0]
+    assert "skipped 1 undecodable samples" in messages[0] and "skipped 2 undecodable samples" in messages[1]
+
+
+def test_skip_still_fails_when_nothing_decodes(tmp_path):
+    m = write_split(tmp_path, ["bad0", "bad1"])
+    with pytest.raises(UserError, match="no sample of training slot 0 decodes"):
+        take(stream_of(m, "skip", batch_size=1), 0, 1)
+
+
+def test_wrong_size_and_wrong_labels_fail_even_with_skip(tmp_path):
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0]] * 2)
+    w.write("k0", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.zeros((8, 8), np.uint8))
+    w.write("k1", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.ones((8, 8), np.uint8))
+    w.write("wide2", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.zeros((8, 9), np.uint8))
+    m = w.close()
+
+    def stream(classes):
+        return TrainStream(m.shard_paths(), rank=0, world=1, seed=0, transform=build_augment("crop", (8, 8), 255),
+                           num_classes=classes, ignore_index=255, shuffle_buffer=0, batch_size=1, on_corrupt="skip")
+
+    with pytest.raises(UserError, match=r"sample wide2 in .*s-000000.tar: image \(8, 8\) and mask \(8, 9\) differ"):
+        take(stream(2), 0, 3)
+    with pytest.raises(UserError, match="sample k1 .* mask label 1 is not below 1 classes nor ignore 255"):
+        take(stream(1), 0, 3)
+
+
+def test_eval_never_skips(tmp_path):
+    m = write_split(tmp_path, ["k0", "bad1", "k2"])
+    with pytest.raises(CorruptSample, match="sample bad1 in .*s-000000.tar"):
+        list(EvalStream(m.shard_paths(), rank=0, world=1, num_classes=4, ignore_index=255))
+
+
+def test_read_shard_groups_samples_as_webdataset_does(shapes_root):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    path = load_manifest(shapes_root, "val7").shard_paths()[0]
+    ours = list(read_shard(path))
+    with open(path, "rb") as stream:
+        theirs = list(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])))
+    assert len(ours) == 3 and ours == theirs

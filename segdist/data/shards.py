@@ -1,8 +1,13 @@
 """Writing a split as WebDataset tar shards plus its manifest, atomically and reproducibly.
 
-Each shard is written under a temporary name and renamed when complete; the manifest is written
-last, so an interrupted conversion leaves no manifest and no half-written shard under a final
-name. The same samples in the same order give byte-identical shards (fixed tar headers).
+Every shard of a conversion is written under a temporary name (`.<split>-NNNNNN.tar.tmp`) and
+nothing under a final name changes until `close()`: it removes the old manifest, renames the new
+shards into place, deletes the split's stale shards and writes the new manifest last. So an
+interrupted conversion (exception, Ctrl-C, `abort()`) leaves the previous conversion — shards and
+manifest — exactly as it was, and a crash inside `close()` leaves no manifest (readers refuse the
+split) rather than a manifest that describes other shards. The price: old and new shards of a
+split are on disk together until `close()`. The same samples in the same order give byte-identical
+shards (fixed tar headers).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -85,10 +91,11 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
+        self._done: list[Path] = []  # finished shards of this run, still under temporary names
         self._count = 0
+        self._own = re.compile(re.escape(split) + r"-\d{6}\.tar")  # train-000000.tar, not train-aug-000000.tar
+        self._own_tmp = re.compile(r"\." + re.escape(split) + r"-\d{6}\.tar\.tmp")
         self.out.mkdir(parents=True, exist_ok=True)
-        # A stale manifest must not describe the shards being replaced.
-        manifest_path(self.out, split).unlink(missing_ok=True)
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, key: str, image: bytes, image_ext: str, mask: np.ndarray, meta: dict | None = None) -> None:
@@ -125,26 +132,37 @@ class ShardWriter:
         self._count = 0
 
     def _finish_shard(self) -> None:
+        """Complete the shard in progress; it keeps its temporary name until `close()`."""
         assert self._tar is not None and self._tmp is not None
         self._tar.close()
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
-        final = self.out / self._tmp.name[1:-4]
-        os.replace(self._tmp, final)
-        self.shards.append(ShardInfo(final.name, self._count, sha256_file(final)))
+        # The hash of the temporary file is the hash of the final one: a rename keeps the bytes.
+        self.shards.append(ShardInfo(self._tmp.name[1:-4], self._count, sha256_file(self._tmp)))
+        self._done.append(self._tmp)
         self._tar, self._tmp = None, None
 
     # -- finishing -----------------------------------------------------------------------------
     def close(self) -> Manifest:
-        """Finish the last shard, remove stale shards of this split, write the manifest last."""
+        """Finish the last shard, then swap the conversion in: old manifest out, new shards renamed
+        into place, stale shards of this split removed, new manifest written last (atomically)."""
         if self._tar is not None and self._count:
             self._finish_shard()
         if not self.shards:
+            self.abort()
             raise UserError(f"split {self.split!r} has no samples: check the source paths and split name")
+        # From here until the manifest is written, the split has no manifest: a reader refuses it
+        # instead of trusting a manifest that describes a mix of old and new shards.
+        manifest_path(self.out, self.split).unlink(missing_ok=True)
+        for tmp in self._done:
+            os.replace(tmp, self.out / tmp.name[1:-4])
+        self._done = []
         keep = {s.file for s in self.shards}
-        for old in self.out.glob(f"{self.split}-*.tar"):
-            if old.name not in keep:
-                old.unlink()
+        for path in self.out.iterdir():
+            stale_shard = self._own.fullmatch(path.name) and path.name not in keep
+            if stale_shard or self._own_tmp.fullmatch(path.name):  # the latter: left by a killed run
+                path.unlink()
+        _fsync_dir(self.out)
         manifest = Manifest(
             dataset=self.dataset,
             split=self.split,
@@ -162,16 +180,30 @@ class ShardWriter:
         return manifest
 
     def abort(self) -> None:
-        """Drop the shard in progress (its temporary file); nothing under a final name changes."""
+        """Delete every temporary shard of this run; the previous shards and manifest stay as they were."""
         if self._tar is not None:
             self._tar.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-        self._tar, self._tmp = None, None
+        for tmp in [*self._done, *([self._tmp] if self._tmp is not None else [])]:
+            tmp.unlink(missing_ok=True)
+        self._tar, self._tmp, self._done = None, None, []
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None:  # also KeyboardInterrupt
             self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable before the manifest that describes them appears (POSIX only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory
+    finally:
+        os.close(fd)

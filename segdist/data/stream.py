@@ -11,54 +11,154 @@ shard order with (seed, p) and samples with a buffer seeded by (seed, rank, work
 a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
 produced, before decoding them.
+
+Corrupt data (`data.on_corrupt`): a shard that cannot be read to its end (truncated, a damaged tar
+header, a missing end-of-archive marker) raises `ShardError`; a sample whose bytes are missing or
+do not decode raises `CorruptSample`. Both name the shard and, where there is one, the sample key.
+With "fail" (the default) training stops there. With "skip" the training stream logs a warning per
+occurrence (with the worker's running count) and goes on: the rest of a broken shard is dropped
+from the pass (the same samples every pass, so the stream stays a pure function of seed and
+data), and a sample that does not decode gives its place to the next sample that does (augmented
+with the skipped sample's seed), so sample n of a slot is still raw sample n and resuming stays
+exact without decoding what it skips. Masks that decode but hold a label that is neither a class
+nor the ignore index, or that differ from the image in size, are not corruption but wrong data
+or a wrong class count: they always fail. Evaluation never skips: its totals must be exact.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from segdist.data.augment import seed_pipeline
 from segdist.errors import UserError
+
+log = logging.getLogger("segdist")
+
+ON_CORRUPT = ("fail", "skip")
+# cv2 decodes JPEG and PNG faster than PIL (BENCHMARKS.md) and straight into a writable RGB array.
+# EXIF orientation is ignored, as PIL does: the mask was drawn on the stored pixels, not on a turned view.
+_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_CV2_FLAGS = (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+class ShardError(UserError):
+    """A shard that cannot be read to its end; the samples before the damage were read."""
+
+    def __init__(self, path: str | Path, samples: int, reason: str) -> None:
+        self.path, self.samples, self.reason = str(path), samples, reason
+        super().__init__(
+            f"shard {path} is truncated or corrupt after {samples} samples ({reason}); "
+            "run launch/shard.py verify on its folder and re-convert, or set data.on_corrupt = \"skip\""
+        )
+
+
+class CorruptSample(UserError):
+    """A sample whose image or mask is missing or does not decode."""
+
+    def __init__(self, key: str, url: str | None, reason: str) -> None:
+        self.key, self.url, self.reason = key, url, reason
+        super().__init__(
+            f"sample {key} in {url} {reason}; run launch/shard.py verify --deep and re-convert, "
+            "or set data.on_corrupt = \"skip\""
+        )
 
 
 def read_shard(path: str | Path) -> Iterator[dict]:
-    """Raw samples (`__key__` plus bytes per extension) of one tar shard, in file order."""
+    """Raw samples of one tar shard in file order: `__key__`, `__url__` and the bytes of each
+    `<key>.<kind>` member under `<kind>`, grouped as WebDataset does (a key ends at the first dot of
+    the file name; consecutive members with one key are one sample).
+
+    A missing file is a `UserError`; a shard that breaks off is a `ShardError` once the complete
+    samples before the damage were yielded (the sample in progress is dropped). A file that ends
+    exactly between two members is caught too: our writer always ends a shard with tar's
+    end-of-archive marker, and `tarfile` alone would take its absence for a normal end.
+    """
     try:
-        with open(path, "rb") as stream:
-            yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
-    except UserError:
-        raise
-    except Exception as exc:  # tarfile.ReadError, truncated stream, missing file
-        raise UserError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); run launch/shard.py verify") from None
+        f = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"shard {path} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
+    url, done, current = str(path), 0, None
+    with f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                key, _, kind = name.partition(".")
+                key = f"{folder}/{key}" if folder else key  # as WebDataset's base_plus_ext
+                data = tar.extractfile(member).read()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                        done += 1
+                    current = {"__key__": key, "__url__": url}
+                current[kind.lower()] = data
+            f.seek(tar.offset)
+            end = f.read(2 * tarfile.BLOCKSIZE)
+            if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+                # tarfile stops silently at a damaged header or at a cut between members.
+                raise tarfile.ReadError("no end-of-archive marker where the members end")
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise ShardError(path, done, str(exc) or type(exc).__name__) from None
+    if current is not None:
+        yield current
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """HxWx3 uint8 RGB pixels of encoded image bytes (PNG or JPEG), or None if they do not decode."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+    if image is not None and _CV2_RGB is None:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[str, np.ndarray, np.ndarray]:
-    """(key, HxWx3 uint8 RGB image, HxW int64 mask) of a raw sample; bad samples name their key."""
-    key = sample["__key__"]
+    """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
+
+    Missing or undecodable bytes raise `CorruptSample`; a mask of another size than its image, or
+    with a value that is neither a class nor the ignore index, raises `UserError`. All name the key.
+    The label check is one `bincount` over the (8- or 16-bit) mask, a few ms at 2048x1024.
+    """
+    key, url = sample["__key__"], sample.get("__url__")
     image_bytes = sample.get("image.png") or sample.get("image.jpg")
     if image_bytes is None or "mask.png" not in sample:
-        raise UserError(f"sample {key} in {sample.get('__url__')} lacks an image or a mask: re-run the conversion")
+        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg) or a mask (mask.png)")
+    image = decode_image(image_bytes)
+    if image is None:
+        raise CorruptSample(key, url, "has an image that does not decode")
     try:
-        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
-        mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"]))).astype(np.int64)
-    except Exception as exc:
-        raise UserError(f"sample {key} in {sample.get('__url__')} does not decode ({exc}); run launch/shard.py verify --deep") from None
+        mask = np.array(Image.open(io.BytesIO(sample["mask.png"])))  # writable, for torch
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
+        raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
     if image.shape[:2] != mask.shape:
-        raise UserError(f"sample {key}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
-    labels = mask[mask != ignore_index]
-    if labels.size and (labels.max() >= num_classes or labels.min() < 0):
+        raise UserError(f"sample {key} in {url}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
+    counts = np.bincount(mask.ravel(), minlength=num_classes)
+    labels = np.flatnonzero(counts[num_classes:]) + num_classes
+    labels = labels[labels != ignore_index]
+    if labels.size:
         raise UserError(
-            f"sample {key} in {sample.get('__url__')}: mask label {int(labels.max())} is not below "
+            f"sample {key} in {url}: mask label {int(labels[-1])} is not below "
             f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
         )
     return key, image, mask
+
+
+def mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """uint8 masks stay uint8 (the engine casts on the device); 16-bit ones become int32."""
+    return torch.from_numpy(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
 
 
 def _slot() -> tuple[int, int]:
@@ -66,18 +166,51 @@ def _slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _slot_samples(shards: list[str], slot: int, slots: int) -> Iterator[dict]:
+def _read(path: str, on_bad_shard: Callable[[ShardError], None] | None) -> Iterator[dict]:
+    """`read_shard`, where a broken shard ends early through `on_bad_shard` if given."""
+    try:
+        yield from read_shard(path)
+    except ShardError as exc:
+        if on_bad_shard is None:
+            raise
+        on_bad_shard(exc)
+
+
+def _slot_samples(shards: list[str], slot: int, slots: int,
+                  on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[dict]:
     """The raw samples of one slot, in shard order."""
     if len(shards) >= slots:
         for path in shards[slot::slots]:
-            yield from read_shard(path)
+            yield from _read(path, on_bad_shard)
     else:
         index = 0
         for path in shards:
-            for sample in read_shard(path):
+            for sample in _read(path, on_bad_shard):
                 if index % slots == slot:
                     yield sample
                 index += 1
+
+
+class _Skips:
+    """What one worker skipped under on_corrupt = "skip": counted, and a warning per occurrence."""
+
+    def __init__(self, rank: int, worker: int) -> None:
+        self.rank, self.worker = rank, worker
+        self.samples = self.shards = 0
+
+    def _where(self) -> str:
+        return (f"so far rank {self.rank} worker {self.worker} skipped {self.samples} undecodable samples "
+                f"and the rest of {self.shards} shards")
+
+    def shard(self, exc: ShardError) -> None:
+        self.shards += 1
+        log.warning("data.on_corrupt=skip: skipping the rest of shard %s after %d samples (%s); %s",
+                    exc.path, exc.samples, exc.reason, self._where())
+
+    def sample(self, exc: CorruptSample) -> None:
+        self.samples += 1
+        log.warning("data.on_corrupt=skip: skipping sample %s of shard %s (it %s); %s",
+                    exc.key, exc.url, exc.reason, self._where())
 
 
 class TrainStream(IterableDataset):
@@ -96,7 +229,10 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int,
         batch_size: int,
         start_batch: int = 0,
+        on_corrupt: str = "fail",
     ) -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
         self.transform = transform
@@ -104,6 +240,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
         self.start_batch = start_batch
+        self.on_corrupt = on_corrupt
 
     def _skip(self, worker: int, workers: int) -> int:
         """Samples this worker had produced when the main process had taken `start_batch` batches
@@ -111,41 +248,73 @@ class TrainStream(IterableDataset):
         batches = len(range(worker, self.start_batch, workers))
         return batches * self.batch_size
 
-    def _raw(self, worker: int, workers: int) -> Iterator[dict]:
+    def _raw(self, worker: int, workers: int, skips: _Skips | None) -> Iterator[tuple[int, dict]]:
+        """(pass, raw sample) of this worker's slot, forever."""
         slot, slots = self.rank * workers + worker, self.world * workers
+        on_bad_shard = skips.shard if skips is not None else None
         for p in range(1 << 62):
             order = np.random.default_rng([self.seed, p]).permutation(len(self.shards))
             shards = [self.shards[i] for i in order]
             rng = np.random.default_rng([self.seed, self.rank, worker, p, 1])
             buffer: list[dict] = []
             empty = True
-            for sample in _slot_samples(shards, slot, slots):
+            for sample in _slot_samples(shards, slot, slots, on_bad_shard):
                 empty = False
+                if self.shuffle_buffer == 0:  # shard order is still shuffled per pass
+                    yield p, sample
+                    continue
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(sample)
                     continue
                 i = int(rng.integers(len(buffer)))
                 buffer[i], sample = sample, buffer[i]
-                yield sample
+                yield p, sample
             rng.shuffle(buffer)
-            yield from buffer
+            for sample in buffer:
+                yield p, sample
             if empty:
-                raise UserError(f"training slot {slot} of {slots} got no samples from {len(self.shards)} shards")
+                raise UserError(f"training slot {slot} of {slots} got no samples from {len(self.shards)} shards"
+                                + (" (every one it reads is broken)" if skips is not None and skips.shards else ""))
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seed_pipeline(self.transform, int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))
+        out = self.transform(image=image, mask=mask)
+        return torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, workers = _slot()
+        loader_worker, workers = _slot()
+        # The DataLoader takes batch j from worker j % workers, starting at worker 0 in every new
+        # loader; batch start_batch + j of the uninterrupted run came from worker
+        # (start_batch + j) % workers. So this worker plays that one's part (its slot, seeds, position).
+        worker = (loader_worker + self.start_batch) % workers
         skip = self._skip(worker, workers)
-        for n, sample in enumerate(self._raw(worker, workers)):
+        skips = _Skips(self.rank, worker) if self.on_corrupt == "skip" else None
+        pending: list[int] = []  # positions of samples that did not decode, filled by the next one that does
+        pending_pass = 0
+        for n, (p, sample) in enumerate(self._raw(worker, workers, skips)):
             if n < skip:
                 continue  # resuming: already consumed before the checkpoint; not decoded
-            _, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
-            self.transform.set_random_seed(int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))
-            out = self.transform(image=image, mask=mask)
-            yield torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(np.ascontiguousarray(out["mask"]))
+            try:
+                _, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
+            except CorruptSample as exc:
+                if skips is None:
+                    raise
+                skips.sample(exc)
+                if not pending:
+                    pending_pass = p
+                elif p > pending_pass + 1:  # a whole pass went by without one sample that decodes
+                    raise UserError(f"no sample of training slot {self.rank * workers + worker} decodes: "
+                                    "the shards are broken; run launch/shard.py verify --deep") from None
+                pending.append(n)
+                continue
+            for m in (*pending, n):
+                yield self._augment(image, mask, worker, m)
+            pending.clear()
 
 
 class EvalStream(IterableDataset):
-    """Every sample of a split exactly once across all ranks and workers, un-augmented."""
+    """Every sample of a split exactly once across all ranks and workers, un-augmented: images and
+    masks at their stored (native) resolution, whatever the training preset did. Never skips."""
 
     def __init__(self, shards: list[str], *, rank: int, world: int, num_classes: int, ignore_index: int) -> None:
         self.shards = [str(s) for s in shards]
@@ -156,7 +325,7 @@ class EvalStream(IterableDataset):
         worker, workers = _slot()
         for sample in _slot_samples(self.shards, self.rank * workers + worker, self.world * workers):
             key, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
-            yield key, torch.from_numpy(image.copy()), torch.from_numpy(mask)
+            yield key, torch.from_numpy(image), mask_tensor(mask)
 
 
 def pad_collate(ignore_index: int, multiple: int = 32) -> Callable:

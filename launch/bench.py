@@ -1,0 +1,24 @@
+"""Benchmarks:  python launch/bench.py data [--count 48 --batches 16 ...]
+
+`data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
+folder of files, JPEG- vs PNG-stored shards (see BENCHMARKS.md). Each benchmark is a subcommand
+of segdist/bench.py; this script only parses and calls it.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from segdist.errors import run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from segdist.bench import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,240 @@
+"""Benchmarks behind `launch/bench.py`: each is a subcommand, added by an `add_<name>_parser(sub)`
+that sets its `run(args)`; `build_parser` lists them.
+
+`data`: training-input throughput on Cityscapes-size frames (2048x1024). It writes the same
+synthetic frames three ways — a folder of PNG image + PNG mask files, shards storing PNG images,
+shards storing JPEG images (quality 90, as `launch/shard.py ... --image-format jpeg
+--jpeg-quality 90` writes them) — then measures, in one run with the same workers, batch size and
+augmentation preset:
+- 1-process CPU ms: read + `decode_sample` + the preset per sample in this process, no loader;
+- the loaders: `TrainStream` through `train_loader` for the shards, and for the folder a plain
+  map-style torch Dataset (shuffled sampler) that reads the two files and runs the same
+  `decode_sample` and preset; timed after `--warmup` batches, best of `--rounds` interleaved
+  rounds. Loader CPU ms/sample (main process + workers) barely moves when other jobs share the
+  machine; loader samples/s (wall clock) is what training sees, and does move.
+
+Frames are `segdist.data.shapes` scenes drawn at a quarter of the size and upscaled: smooth
+regions, sharp edges and grain compress roughly like street photos (the stored MB/sample column
+shows it: ~2.8 MB as PNG, where Cityscapes' PNGs average ~2.2 MB). All files sit in the page
+cache: reading costs syscalls and tar parsing, not disk — cold storage would favour shards more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from segdist.data.augment import PRESETS, build_augment, seed_pipeline
+from segdist.data.convert import parallel_map
+from segdist.data.shapes import PALETTE, class_names, make_scene
+from segdist.data.shards import ShardWriter, encode_jpeg, encode_mask, encode_png
+from segdist.data.stream import TrainStream, decode_sample, read_shard, train_loader
+from segdist.errors import UserError
+
+CLASSES = 8  # the most segdist.data.shapes draws
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/bench.py", description="segdist benchmarks; each prints a table.")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    add_data_parser(sub)
+    return parser
+
+
+# -- data --------------------------------------------------------------------------------------------
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="training-input throughput: shards vs a folder of files, JPEG vs PNG",
+                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=48, help="frames written (default 48)")
+    p.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"), help="frame size (default 1024 2048)")
+    p.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"), help="training crop (default 512 1024)")
+    p.add_argument("--augment", default="cityscapes", choices=sorted(PRESETS), help="augmentation preset (default cityscapes)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every row (default 2)")
+    p.add_argument("--batches", type=int, default=16, help="batches timed per loader run (default 16)")
+    p.add_argument("--warmup", type=int, default=2, help="batches taken before the clock starts (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="loader runs per row, the best counts (default 2)")
+    p.add_argument("--samples-per-shard", type=int, default=8, help="shard size (default 8)")
+    p.add_argument("--workdir", default=None, help="write the data here and keep it (default: a temporary folder)")
+    p.set_defaults(run=run_data)
+
+
+def make_frame(index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like synthetic frame: a shapes scene (textured, noisy) drawn at 1/4 size and upscaled,
+    so the noise becomes fine grain; 10x faster than drawing at full size."""
+    small, small_mask = make_scene(7, index, max(8, height // 4), max(8, width // 4), CLASSES)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    mask = cv2.resize(small_mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    return image, mask
+
+
+def _encode(index: int, height: int, width: int) -> tuple[str, bytes, bytes, np.ndarray]:
+    image, mask = make_frame(index, height, width)
+    return frame_key(index), encode_png(image), encode_jpeg(image, 90), mask
+
+
+def write_data(root: Path, count: int, size: tuple[int, int], per_shard: int, workers: int) -> dict[str, float]:
+    """folder/, png/ and jpg/ under `root` (frame_NNNNNN keys); returns the stored MB per sample of each."""
+    folder = root / "folder"
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = {fmt: ShardWriter(root / fmt, "train", dataset="bench", classes=class_names(CLASSES), palette=PALETTE,
+                                samples_per_shard=per_shard) for fmt in ("png", "jpg")}
+    for key, png, jpg, mask in parallel_map(partial(_encode, height=size[0], width=size[1]), range(count), workers):
+        (folder / f"{key}.png").write_bytes(png)
+        (folder / f"{key}_mask.png").write_bytes(encode_mask(mask, CLASSES))
+        writers["png"].write(key, png, "png", mask)
+        writers["jpg"].write(key, jpg, "jpg", mask)
+    for writer in writers.values():
+        writer.close()
+    folder_bytes = sum((folder / f"{key}{end}").stat().st_size for key in frame_keys(count) for end in (".png", "_mask.png"))
+    shard_bytes = {fmt: sum(p.stat().st_size for p in (root / fmt).glob("train-*.tar")) for fmt in ("png", "jpg")}
+    return {"folder": folder_bytes / count / 1e6, **{k: v / count / 1e6 for k, v in shard_bytes.items()}}
+
+
+def frame_key(index: int) -> str:
+    return f"frame_{index:06d}"
+
+
+def frame_keys(count: int) -> list[str]:
+    return [frame_key(i) for i in range(count)]
+
+
+class FolderDataset(Dataset):
+    """The baseline: image and mask files side by side, the same decode and augmentation as the stream."""
+
+    def __init__(self, folder: Path, keys: list[str], transform, seed: int = 0) -> None:
+        self.images = [folder / f"{key}.png" for key in keys]
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def raw(self, i: int) -> dict:
+        image = self.images[i]
+        return {"__key__": image.stem, "__url__": str(image), "image.png": image.read_bytes(),
+                "mask.png": image.with_name(f"{image.stem}_mask.png").read_bytes()}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _, image, mask = decode_sample(self.raw(i), CLASSES, 255)
+        seed_pipeline(self.transform, self.seed * 1_000_003 + i)
+        out = self.transform(image=image, mask=mask)
+        return torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(np.ascontiguousarray(out["mask"]))
+
+
+def _loader(source: str, root: Path, args, transform) -> DataLoader:
+    if source == "folder":
+        total = (args.warmup + args.batches) * args.batch_size
+        ds = FolderDataset(root / "folder", frame_keys(args.count), transform)
+        sampler = RandomSampler(ds, num_samples=total, generator=torch.Generator().manual_seed(0))
+        return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                          prefetch_factor=4 if args.workers else None)  # as train_loader
+    shards = sorted(str(p) for p in (root / source).glob("train-*.tar"))
+    stream = TrainStream(shards, rank=0, world=1, seed=0, transform=transform, num_classes=CLASSES, ignore_index=255,
+                         shuffle_buffer=args.batch_size * 2, batch_size=args.batch_size)
+    return train_loader(stream, args.workers, pin_memory=False)
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time so far of this process (ns resolution) and its children, the DataLoader workers
+    (clock ticks)."""
+    total = time.process_time()
+    for child in proc.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def loader_rate(source: str, root: Path, args, transform) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of a loader, timed after the warm-up batches. The CPU figure
+    (main process + workers) hardly moves when other jobs share the cores; the wall one does."""
+    me = psutil.Process()
+    batches = iter(_loader(source, root, args, transform))
+    for _ in range(args.warmup):
+        next(batches)
+    start, cpu = time.perf_counter(), _cpu_seconds(me)
+    for _ in range(args.batches):
+        images, masks = next(batches)
+        assert images.shape[0] == args.batch_size and masks.dtype == torch.uint8
+    wall, cpu = time.perf_counter() - start, _cpu_seconds(me) - cpu
+    n = args.batches * args.batch_size
+    return n / wall, cpu / n * 1000
+
+
+def one_process_ms(source: str, root: Path, count: int, transform) -> float:
+    """Read + decode + augment every sample once in this process; CPU ms per sample."""
+    if source == "folder":
+        ds = FolderDataset(root / "folder", frame_keys(count), transform)
+        raws = (ds.raw(i) for i in range(len(ds)))
+    else:
+        raws = (s for p in sorted((root / source).glob("train-*.tar")) for s in read_shard(p))
+    start, n = time.process_time(), 0
+    for raw in raws:
+        _, image, mask = decode_sample(raw, CLASSES, 255)
+        seed_pipeline(transform, n)
+        transform(image=image, mask=mask)
+        n += 1
+    return (time.process_time() - start) / n * 1000
+
+
+ROWS = {"folder": "folder of PNG files", "png": "shards, PNG images", "jpg": "shards, JPEG q90 images"}
+
+
+def run_data(args: argparse.Namespace) -> int:
+    for name in ("count", "batch_size", "batches", "rounds", "samples_per_shard"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0 or args.warmup < 0 or min(args.size) < 8 or min(args.crop) < 1:
+        raise UserError("--workers and --warmup must be >= 0, --size at least 8 8 and --crop positive")
+    if args.count < args.batch_size:
+        raise UserError(f"--count {args.count} is below --batch-size {args.batch_size}: the stream needs a full batch")
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
+        root = Path(args.workdir) if args.workdir else Path(tmp)
+        t0 = time.perf_counter()
+        big = args.count * args.size[0] * args.size[1] > 2e7  # else spawning encoder processes costs more
+        mb = write_data(root, args.count, tuple(args.size), args.samples_per_shard, (os.cpu_count() or 1) if big else 1)
+        written = time.perf_counter() - t0
+        transform = build_augment(args.augment, tuple(args.crop), 255)
+        ms = {source: one_process_ms(source, root, args.count, transform) for source in ROWS}
+        runs: dict[str, list[tuple[float, float]]] = {source: [] for source in ROWS}
+        for _ in range(args.rounds):  # interleaved, so a busy moment hits every row alike
+            for source in ROWS:
+                runs[source].append(loader_rate(source, root, args, transform))
+    rate = {s: max(r for r, _ in v) for s, v in runs.items()}
+    cpu = {s: min(c for _, c in v) for s, v in runs.items()}
+    print(table(args, mb, ms, rate, cpu, written))
+    return 0
+
+
+def table(args, mb: dict, ms: dict, rate: dict, cpu: dict, written: float) -> str:
+    h, w = args.size
+    lines = [
+        f"data throughput: {args.count} frames of {w}x{h} (W x H), preset {args.augment!r}, crop "
+        f"{args.crop[1]}x{args.crop[0]}, batch {args.batch_size}, {args.workers} workers, best of {args.rounds} "
+        f"rounds of {args.batches} batches; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"data written in {written:.0f} s",
+        f"{'source':<25}{'MB/sample':>10}{'1-process CPU ms':>18}{'loader CPU ms':>15}{'loader samples/s':>18}"
+        f"{'vs folder':>11}",
+    ]
+    for source, label in ROWS.items():
+        lines.append(f"{label:<25}{mb[source]:>10.2f}{ms[source]:>18.1f}{cpu[source]:>15.1f}{rate[source]:>18.1f}"
+                     f"{_ratio(rate[source], rate['folder']):>11}")
+    lines.append(f"JPEG over PNG shards: {_ratio(ms['png'], ms['jpg'])} less CPU per sample in one process, "
+                 f"{_ratio(cpu['png'], cpu['jpg'])} in the loader, {_ratio(rate['jpg'], rate['png'])} the samples/s")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"

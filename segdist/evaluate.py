@@ -91,7 +91,11 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
     load_weights(path, model)
     if (path / "ema.pt").exists():
         # Training chose `best` by the EMA copy's mIoU: evaluate the same weights.
-        model.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"])
+        try:
+            model.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"])
+        except (RuntimeError, KeyError) as exc:
+            raise UserError(f"checkpoint {path}/ema.pt does not fit this recipe's model ({str(exc).splitlines()[0]}); "
+                            "use the recipe it was trained with (saved beside it as recipe.toml)") from None
     if out is not None and not _writable_parent(out):
         raise UserError(f"--out {out}: its folder does not exist or is not writable")
     accelerator = make_accelerator(recipe.train.precision)

@@ -55,7 +55,8 @@ def _open(path: Path, what: str) -> tuple[bytes, Image.Image]:
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now: a truncated file fails here, not later in a worker of training
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{what} {path} is corrupt or not an image ({exc}): replace or remove it") from None
+        reason = str(exc).split(" <_io.BytesIO")[0]  # PIL names its buffer, not the file
+        raise UserError(f"{what} {path} is corrupt or not an image ({reason}): replace or remove it") from None
     return data, img
 
 
@@ -65,7 +66,8 @@ def _png_is_rgb8(data: bytes) -> bool:
     return len(data) > 25 and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 2
 
 
-def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+def to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """8-bit RGB array of any PIL image (gray, palette, RGBA, CMYK, 16-bit); `path` names it in errors."""
     if img.mode in _SIXTEEN_BIT:
         # 16-bit gray: scale the full 0..65535 range to 0..255 with rounding (PIL would clip).
         arr = np.asarray(img).astype(np.uint32)
@@ -81,7 +83,7 @@ def load_image(path: str | Path) -> SourceImage:
     path = Path(path)
     data, img = _open(path, "image")
     keepable = (img.format == "PNG" and _png_is_rgb8(data)) or (img.format == "JPEG" and img.mode == "RGB")
-    return SourceImage(_to_rgb(img, path), data, img.format, img.mode, keepable)
+    return SourceImage(to_rgb(img, path), data, img.format, img.mode, keepable)
 
 
 def encode_image(src: SourceImage, image_format: str, jpeg_quality: int) -> tuple[bytes, str]:

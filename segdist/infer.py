@@ -1,0 +1,343 @@
+"""Prediction on image files: `launch/predict.py` and the notebook-style `predict(model, image)`.
+
+An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
+palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as notebook 004's grayscale birds needed.
+It goes through the model one at a time, in eval mode and fp32, either at its own size (padded
+with black to a multiple of 32, as the eval loader pads, and the logits cropped back) or resized
+to `size` — the training scale — with the logits resized back to the original size (bilinear).
+
+The model is loaded like `segdist.evaluate.evaluate_checkpoint` loads it: built without
+pretrained encoder weights (the checkpoint holds every weight), its EMA copy preferred when the
+checkpoint has one. Class names and palette come from the manifest of the recipe's val split when
+it exists; without the data folder generic names and the VOC palette stand in, and the number of
+outputs then comes from `model.classes` alone.
+
+Outputs per image `<stem>` in the output folder, each written atomically (temp file + rename):
+`<stem>.png` label map (class ids; uint8, 16-bit beyond 256 classes), `<stem>_color.png` the label
+map in palette colours, and the probabilities: binary (one logit) `<stem>_prob.npy` float32 HxW
+sigmoid plus `<stem>_prob.png` (0-255 gray); multi-class `<stem>_prob.npy` float16 CxHxW softmax.
+The label map is computed from the stored probabilities (prob > threshold; argmax of the float16
+values), so the files always agree with each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from segdist.errors import UserError
+from segdist.evaluate import MEAN, STD
+
+log = logging.getLogger("segdist")
+
+DEFAULT_THRESHOLD = 0.5
+"""Binary label map: probability > threshold (0.5 is the eval's logit > 0)."""
+PAD_MULTIPLE = 32
+"""Inputs are padded to a multiple of this (what smp encoders need), as the eval loader pads."""
+BINARY_CLASSES = ["background", "foreground"]
+"""Class names of a binary model when no manifest is there."""
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class Predictor:
+    """A loaded model and what is needed to write its predictions."""
+
+    model: nn.Module
+    """In eval mode, on `device`, with the checkpoint's (EMA) weights."""
+    outputs: int
+    """Logits of the model: 1 = binary (sigmoid), else one per class (softmax)."""
+    classes: list[str]
+    """Class names, from the val manifest or generic."""
+    palette: list[list[int]]
+    """RGB colour per class of `<stem>_color.png`."""
+    ignore_index: int
+    checkpoint: Path
+    device: torch.device
+
+    @property
+    def binary(self) -> bool:
+        return self.outputs == 1
+
+    def predict(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+        """`predict(self.model, image, size)`."""
+        return predict(self.model, image, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> Predictor:
+    """The recipe's model with a checkpoint's weights (EMA ones when it has them), ready to predict.
+
+    `recipe` is a Recipe or the path of a recipe file; `checkpoint` a run folder (its best, else
+    its latest checkpoint) or one `checkpoints/step-N` folder; `device` defaults to CUDA if there
+    is one, else the CPU.
+    """
+    from segdist.checkpoint import load_weights, resolve_checkpoint
+    from segdist.data.manifest import load_manifest, manifest_path
+    from segdist.engine import resolve_classes
+    from segdist.models import build_model
+    from segdist.recipe import load_recipe
+
+    if not hasattr(recipe, "model"):
+        recipe = load_recipe(recipe)
+    where = manifest_path(recipe.data.root, recipe.data.val_split)
+    if where.is_file():
+        manifest = load_manifest(recipe.data.root, recipe.data.val_split, check_files=False)
+        outputs = resolve_classes(recipe.model, manifest)
+        classes, palette, ignore_index = manifest.classes, manifest.palette, manifest.ignore_index
+    else:
+        outputs = recipe.model.classes
+        if outputs is None:
+            raise UserError(
+                f"model.classes is \"null\" and manifest {where} (which would give the class count) is not there: "
+                "set the class count the checkpoint was trained with, e.g. --set model.classes=5 (1 for one binary "
+                "logit), or --set data.root=<the data folder>"
+            )
+        classes = list(BINARY_CLASSES) if outputs == 1 else [f"class_{i}" for i in range(outputs)]
+        palette, ignore_index = default_palette(len(classes)), 255
+        log.info("no manifest %s: generic class names and palette", where)
+    path = resolve_checkpoint(checkpoint)
+    # The checkpoint holds every weight: never ask a hub for pretrained ones.
+    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), outputs)
+    load_weights(path, model)
+    if (path / "ema.pt").exists():
+        # Training chose `best` by the EMA copy's mIoU (and evaluate uses it): predict with the same weights.
+        ema = torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"]
+        try:
+            model.load_state_dict(ema)
+        except RuntimeError as exc:
+            raise UserError(f"checkpoint {path}: its ema.pt does not fit this recipe's model "
+                            f"({str(exc).strip().splitlines()[0]}); use the recipe it was trained with") from None
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device).eval()
+    return Predictor(model, outputs, list(classes), [list(c) for c in palette], ignore_index, path, device)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC colour map for `n` classes (what folder datasets get at conversion)."""
+    from segdist.data.convert.imageio import voc_palette
+
+    return voc_palette(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and the forward pass
+
+def read_image(image: ImageLike) -> np.ndarray:
+    """HxWx3 uint8 RGB from a file path, a PIL image or an array (HxW, HxWx1/3/4, uint8 or uint16).
+
+    Files and PIL images follow the converters' rules (segdist.data.convert.imageio): gray,
+    palette, RGBA (alpha dropped), CMYK and 16-bit (scaled to 8 bits) become RGB; a file that does
+    not decode is a `UserError` naming it.
+    """
+    from segdist.data.convert import imageio
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"image {path} not found: give the path of an image file")
+        return imageio.load_image(path).rgb
+    if isinstance(image, Image.Image):
+        return imageio.to_rgb(image, Path(getattr(image, "filename", "") or "<PIL image>"))
+    arr = np.asarray(image)
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 or uint16, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+@torch.no_grad()
+def forward_logits(model: nn.Module, rgb: np.ndarray, size: Sequence[int] | None = None) -> torch.Tensor:
+    """1xKxHxW fp32 logits of an HxWx3 uint8 image at its own size H, W (on the model's device).
+
+    With `size` the image is resized to it (bilinear, like the training presets' resize) and the
+    logits back; either way the input is padded with black to a multiple of 32 and cropped back.
+    """
+    device = next(model.parameters()).device
+    h, w = rgb.shape[:2]
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float()
+    if size is not None and (h, w) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    th, tw = x.shape[-2:]
+    # Pad in pixel space with 0 before normalising: the eval loader's padding, seen by the model as black.
+    x = F.pad(x, (0, -tw % PAD_MULTIPLE, 0, -th % PAD_MULTIPLE))
+    x = (x - MEAN.to(device)) / STD.to(device)
+    logits = model(x).float()[:, :, :th, :tw]
+    if (th, tw) != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """1xKxHxW logits → float32 HxW sigmoid (one logit) or KxHxW softmax, on the CPU."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[0, 0]).cpu().numpy()
+    return torch.softmax(logits[0], dim=0).cpu().numpy()
+
+
+def predict(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+    """Probability map of one image at its original size, as notebook 004's `predict(model, img_path)`:
+    float32 HxW (probability of the foreground) for a one-logit model, CxHxW (softmax) otherwise.
+
+    `image` is a file path, a PIL image or an array; `size` (H, W) resizes it for the forward pass
+    (the scale the model was trained at). The model runs in eval mode under no_grad on its device
+    (its train/eval mode is restored after). E.g. `predict(load_predictor(recipe, run).model, "bird.jpg")`.
+    """
+    rgb = read_image(image)
+    was_training = model.training
+    model.eval()
+    try:
+        return probabilities(forward_logits(model, rgb, size))
+    finally:
+        model.train(was_training)
+
+
+def label_map(prob: np.ndarray, threshold: float, num_classes: int) -> np.ndarray:
+    """Class ids from `predict`'s output: prob > threshold (binary), else argmax over classes."""
+    if prob.ndim == 2:
+        return (prob > threshold).astype(np.uint8)
+    return prob.argmax(axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------
+# `launch/predict.py`
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Image files named by paths and globs, in order, without duplicates; a missing file, a
+    folder or a glob matching no file is a `UserError` naming it."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        literal = Path(os.path.expanduser(pattern))
+        if literal.is_file():
+            found = [literal]
+        elif literal.is_dir():
+            raise UserError(f"input {pattern} is a folder: give image files or a quoted glob like '{pattern}/*.png'")
+        elif any(c in pattern for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+            if not found:
+                raise UserError(f"no file matches {pattern!r}: check the pattern (quote it so the shell leaves it)")
+        else:
+            raise UserError(f"image {pattern} not found: give existing image files or a quoted glob like 'img/*.jpg'")
+        paths.extend(found)
+    return list(dict.fromkeys(p.resolve() for p in paths))
+
+
+def output_names(stem: str, binary: bool) -> dict[str, str]:
+    names = {"label": f"{stem}.png", "color": f"{stem}_color.png", "prob": f"{stem}_prob.npy"}
+    if binary:
+        names["prob_png"] = f"{stem}_prob.png"
+    return names
+
+
+def _check_outputs(paths: list[Path], out: Path, binary: bool) -> None:
+    """No two inputs may write the same file, and no output may overwrite an input."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder (it is created if missing)")
+    owner: dict[str, Path] = {}
+    inputs = set(paths)
+    for path in paths:
+        for name in output_names(path.stem, binary).values():
+            if name in owner:
+                raise UserError(f"{owner[name]} and {path} would both write {out / name}: "
+                                "rename one, or predict them into different --out folders")
+            owner[name] = path
+            if (out / name).resolve() in inputs:
+                raise UserError(f"predicting {path} would overwrite the input {out / name}: choose another --out")
+
+
+def _check_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if len(size) != 2 or any(int(s) <= 0 for s in size):
+        raise UserError(f"--size must be two positive integers H W, got {' '.join(map(str, size))}")
+    return int(size[0]), int(size[1])
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_prediction(predictor: Predictor, prob: np.ndarray, out: Path, stem: str, threshold: float) -> list[Path]:
+    """Write one image's label map, colour map and probabilities into `out`, each atomically."""
+    from segdist.data.shards import encode_png
+    from segdist.fileio import atomic_write_bytes
+    from segdist.tblog import colorize
+
+    names = output_names(stem, predictor.binary)
+    if predictor.binary:
+        stored = prob.astype(np.float32)
+    else:
+        stored = prob.astype(np.float16)
+    label = label_map(stored, threshold, len(predictor.classes))
+    files = {
+        names["label"]: encode_png(label),
+        names["color"]: encode_png(colorize(label, predictor.palette, predictor.ignore_index)),
+        names["prob"]: _npy_bytes(stored),
+    }
+    if predictor.binary:
+        files[names["prob_png"]] = encode_png(np.round(stored * 255).astype(np.uint8))
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    return [out / name for name in files]
+
+
+def predict_files(recipe, checkpoint: str, inputs: Sequence[str], out: str, size: Sequence[int] | None = None,
+                  threshold: float | None = None) -> list[Path]:
+    """`launch/predict.py`: every input checked (exists, decodes) before anything is written, then
+    one image at a time through the model; returns the files written."""
+    from tqdm import tqdm
+
+    from segdist.distributed import setup_logging
+
+    setup_logging(True)
+    size = _check_size(size)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    paths = expand_inputs(inputs)
+    predictor = load_predictor(recipe, checkpoint)
+    if threshold is not None and not predictor.binary:
+        raise UserError(f"--threshold is for binary (model.classes = 1) models; this one has {predictor.outputs} "
+                        "classes and takes the argmax")
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    out_dir = Path(out)
+    _check_outputs(paths, out_dir.resolve(), predictor.binary)
+    for path in paths:
+        read_image(path)  # decode every input now: a bad file fails the run before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("predicting %d image(s) with %s on %s (%s: %s)", len(paths), predictor.checkpoint, predictor.device.type,
+             "binary" if predictor.binary else f"{predictor.outputs} classes", ", ".join(predictor.classes[:8])
+             + (", ..." if len(predictor.classes) > 8 else ""))
+    written: list[Path] = []
+    for path in tqdm(paths, desc="predict", unit="img", disable=None):
+        prob = predictor.predict(path, size)
+        written += write_prediction(predictor, prob, out_dir, path.stem, threshold)
+    print(f"wrote predictions of {len(paths)} image(s) to {out_dir}", flush=True)
+    return written

@@ -1,0 +1,251 @@
+"""launch/predict.py and segdist.infer on real checkpoints of short real trainings: conftest's 4-class
+smp model (`trained_run`) and a binary own-UNet with EMA weights trained here on a 2-class shapes
+split. Every probability is compared with a forward pass this test computes itself (its own
+padding and ImageNet normalisation), on a grayscale PNG and an RGB PNG of sizes that need padding."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import launch
+from segdist.checkpoint import resolve_checkpoint
+from segdist.data.shapes import PALETTE
+from segdist.errors import UserError
+from segdist.infer import load_predictor, predict, predict_files
+from segdist.models import build_model
+from segdist.recipe import load_recipe
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+
+pytestmark = pytest.mark.slow  # every test here trains or launches processes
+
+BINARY_RECIPE = """
+[data]
+root = "{root}"
+train_split = "train"
+val_split = "val"
+batch_size = 4
+num_workers = 0
+crop = [32, 32]
+shuffle_buffer = 4
+
+[model]
+arch = "unet"
+encoder = "null"
+encoder_weights = "null"
+classes = 1
+arch_args = {{width = 8, depth = 2}}
+ema_decay = 0.5
+
+[loss]
+terms = [{{name = "bce", weight = 1.0}}]
+
+[train]
+steps = 3
+precision = "fp32"
+ckpt_every = 3
+run_dir = "{run_dir}"
+seed = 5
+
+[eval]
+batch_size = 2
+num_workers = 0
+
+[log]
+every = 1
+images = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run folder) of a 3-step binary training (one logit, BCE, EMA) on a 2-class shapes split."""
+    tmp = tmp_path_factory.mktemp("binary")
+    root = tmp / "data"
+    for split, count, seed in (("train", "8", "1"), ("val", "2", "2")):
+        result = launch("shard.py", ["shapes", "--out", str(root), "--size", "32", "32", "--classes", "2",
+                                     "--split", split, "--count", count, "--seed", seed])
+        assert result.returncode == 0, result.stderr[-3000:]
+    recipe = tmp / "binary.toml"
+    recipe.write_text(BINARY_RECIPE.format(root=root, run_dir=tmp / "run"))
+    result = launch("train.py", [str(recipe)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """A grayscale (mode L) 45x37 PNG and an RGB 40x50 PNG: neither a multiple of 32."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    gray = np.kron(rng.integers(0, 256, (9, 8), dtype=np.uint8), np.ones((5, 5), np.uint8))[:45, :37]
+    Image.fromarray(gray).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    return {"gray": folder / "gray.png", "rgb": folder / "rgb.png"}
+
+
+def rgb_of(path: Path) -> np.ndarray:
+    arr = np.asarray(Image.open(path))
+    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+def direct_logits(model: torch.nn.Module, rgb: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """1xKxHxW logits: (resize,) black padding to a multiple of 32, ImageNet normalisation, crop (, resize back)."""
+    h, w = rgb.shape[:2]
+    x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+    if size is not None:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    th, tw = x.shape[-2:]
+    canvas = torch.zeros(1, 3, -(-th // 32) * 32, -(-tw // 32) * 32)
+    canvas[:, :, :th, :tw] = x
+    canvas = (canvas - torch.from_numpy(MEAN).view(1, 3, 1, 1)) / torch.from_numpy(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model.eval()(canvas)[:, :, :th, :tw]
+    if size is not None:
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits
+
+
+def loaded_model(recipe_path: Path, checkpoint: Path, outputs: int, ema: bool) -> torch.nn.Module:
+    recipe = load_recipe(recipe_path)
+    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), outputs)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    if ema:
+        model.load_state_dict(torch.load(checkpoint / "ema.pt", weights_only=True)["module"])
+    return model.eval()
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_binary_predict_matches_direct_forward_with_ema_weights(binary_run, images, tmp_path):
+    recipe, run = binary_run
+    checkpoint = resolve_checkpoint(run)
+    assert (checkpoint / "ema.pt").exists()
+    ema_model = loaded_model(recipe, checkpoint, 1, ema=True)
+    live_model = loaded_model(recipe, checkpoint, 1, ema=False)
+    expected = {k: torch.sigmoid(direct_logits(ema_model, rgb_of(p)))[0, 0].numpy() for k, p in images.items()}
+    live = torch.sigmoid(direct_logits(live_model, rgb_of(images["gray"])))[0, 0].numpy()
+    assert np.abs(live - expected["gray"]).max() > 1e-4  # so matching the EMA forward below means something
+    threshold = float(np.median(expected["gray"]))  # both labels appear in the gray image's map
+
+    out = tmp_path / "out"
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]),
+                                   str(images["rgb"].parent / "rgb*.png"), "--out", str(out),
+                                   "--threshold", repr(threshold)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # nothing else, no temporary files left
+        f"{k}{suffix}" for k in images for suffix in (".png", "_color.png", "_prob.npy", "_prob.png"))
+    for key, path in images.items():
+        h, w = rgb_of(path).shape[:2]
+        prob = np.load(out / f"{key}_prob.npy")
+        assert prob.dtype == np.float32 and prob.shape == (h, w)
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        np.testing.assert_allclose(prob, expected[key], atol=1e-5)
+        label = read_png(out / f"{key}.png")
+        assert label.dtype == np.uint8 and label.shape == (h, w)
+        np.testing.assert_array_equal(label, (prob > threshold).astype(np.uint8))
+        np.testing.assert_array_equal(read_png(out / f"{key}_prob.png"), np.round(prob * 255).astype(np.uint8))
+        np.testing.assert_array_equal(read_png(out / f"{key}_color.png"), np.asarray(PALETTE[:2], np.uint8)[label])
+    assert set(np.unique(read_png(out / "gray.png"))) == {0, 1}
+
+
+def test_binary_python_api(binary_run, images, tmp_path):
+    recipe, run = binary_run
+    model = loaded_model(recipe, resolve_checkpoint(run), 1, ema=True)
+    predictor = load_predictor(recipe, run, device="cpu")
+    assert predictor.binary and predictor.classes == ["background", "circle"]
+    gray = rgb_of(images["gray"])
+    prob = predict(predictor.model, images["gray"])  # notebook 004: predict(model, img_path) -> HxW
+    assert prob.shape == gray.shape[:2] and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, torch.sigmoid(direct_logits(model, gray))[0, 0].numpy(), atol=1e-5)
+    # --size: the forward at the training scale, probabilities back at the original size.
+    rgb = rgb_of(images["rgb"])
+    scaled = predict(predictor.model, Image.open(images["rgb"]), size=(32, 32))
+    assert scaled.shape == rgb.shape[:2]
+    np.testing.assert_allclose(scaled, torch.sigmoid(direct_logits(model, rgb, (32, 32)))[0, 0].numpy(), atol=1e-5)
+    assert np.abs(scaled - predict(predictor.model, rgb)).max() > 1e-4
+    # 16-bit gray and RGBA files become the same RGB the converters make.
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray(gray[:, :, 0].astype(np.uint16) * 257).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I")
+    np.testing.assert_allclose(predict(predictor.model, sixteen), prob, atol=1e-6)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])).save(rgba)
+    np.testing.assert_allclose(predict(predictor.model, rgba), predict(predictor.model, rgb), atol=1e-6)
+
+    # Without the data folder: generic names and palette, the same probabilities.
+    bare = load_predictor(load_recipe(recipe, [f"data.root={tmp_path / 'nowhere'}"]), run, device="cpu")
+    assert bare.classes == ["background", "foreground"] and len(bare.palette) == 2
+    np.testing.assert_allclose(bare.predict(images["gray"]), prob, atol=1e-6)
+    with pytest.raises(UserError, match="model.classes"):
+        load_predictor(load_recipe(recipe, [f"data.root={tmp_path / 'nowhere'}", "model.classes=null"]), run)
+
+
+def test_multiclass_predict_matches_direct_forward(trained_run, images, tmp_path):
+    recipe, run = trained_run
+    checkpoint = resolve_checkpoint(run)
+    model = loaded_model(recipe, checkpoint, 4, ema=(checkpoint / "ema.pt").exists())
+    out = tmp_path / "out"
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(images["rgb"]),
+                                   "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{k}{suffix}" for k in images for suffix in (".png", "_color.png", "_prob.npy"))
+    for key, path in images.items():
+        rgb = rgb_of(path)
+        h, w = rgb.shape[:2]
+        prob = np.load(out / f"{key}_prob.npy")
+        assert prob.dtype == np.float16 and prob.shape == (4, h, w)
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        np.testing.assert_allclose(prob.astype(np.float32).sum(0), 1.0, atol=5e-3)
+        expected = torch.softmax(direct_logits(model, rgb), dim=1)[0].numpy()
+        np.testing.assert_allclose(prob.astype(np.float32), expected, atol=1e-3)
+        label = read_png(out / f"{key}.png")
+        assert label.dtype == np.uint8 and label.shape == (h, w)
+        np.testing.assert_array_equal(label, prob.argmax(0))
+        np.testing.assert_array_equal(read_png(out / f"{key}_color.png"), np.asarray(PALETTE[:4], np.uint8)[label])
+    with pytest.raises(UserError, match="--threshold is for binary"):
+        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), threshold=0.3)
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_inputs_fail_before_anything_is_written(binary_run, images, tmp_path):
+    recipe, run = binary_run
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.png"
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(missing),
+                                   "--out", str(out)])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    Image.open(images["gray"]).save(twin / "gray.jpg")
+    cases = [
+        ([str(tmp_path / "none*.png")], "none\\*.png"),
+        ([str(images["gray"]), str(corrupt)], "corrupt.png"),
+        ([str(images["gray"]), str(twin / "gray.jpg")], "gray.jpg"),  # both would write gray.png
+        ([str(images["gray"]), str(tmp_path)], "is a folder"),
+    ]
+    for inputs, culprit in cases:
+        with pytest.raises(UserError, match=culprit):
+            predict_files(load_recipe(recipe), str(run), inputs, str(out))
+        assert not out.exists()
+    with pytest.raises(UserError, match="overwrite the input"):
+        predict_files(load_recipe(recipe), str(run), [str(images["gray"])], str(images["gray"].parent))
+    assert sorted(p.name for p in images["gray"].parent.iterdir()) == ["gray.png", "rgb.png"]

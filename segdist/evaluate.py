@@ -2,8 +2,9 @@
 
 Each rank reads a disjoint part of the split (segdist.data.stream.EvalStream), runs the unwrapped
 model (no DDP collectives in the loop), and counts an int64 confusion matrix at the label's own
-resolution. After the loop ONE all-reduce sums the matrix together with the sample count; the
-summed pixel count must equal the manifest's valid-pixel total.
+resolution. Before the loop the ranks take rank 0's BatchNorm statistics (share_buffers); after it
+ONE all-reduce sums the matrix together with the sample count; the summed pixel count must equal
+the manifest's valid-pixel total.
 """
 
 from __future__ import annotations
@@ -39,11 +40,27 @@ def predict(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def share_buffers(model: torch.nn.Module, accelerator) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers from rank 0 *before* each forward, then every rank updates its running
+    statistics with its own batch: after a training step the ranks hold different statistics, and
+    without this each rank would evaluate a slightly different model (measured: val mIoU 0.9066
+    in training vs 0.9062 from the saved checkpoint). Rank 0's are the ones checkpoints save."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int,
              num_workers: int, check_total: bool = True) -> dict:
     """Metrics of `model` on the whole split, identical for any world size."""
     was_training = model.training
     model.eval()
+    share_buffers(model, accelerator)
     stream = EvalStream(manifest.shard_paths(), rank=accelerator.process_index, world=accelerator.num_processes,
                         num_classes=manifest.num_classes, ignore_index=manifest.ignore_index)
     loader = eval_loader(stream, batch_size, num_workers, manifest.ignore_index,

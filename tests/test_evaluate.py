@@ -70,3 +70,19 @@ def test_eval_of_missing_checkpoint_exits_2(tiny_recipe, tmp_path):
     result = launch("eval.py", [str(tiny_recipe), "--checkpoint", str(tmp_path / "nope")])
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_during_training_equals_eval_of_the_saved_checkpoint(tiny_recipe, tmp_path):
+    """After a DDP step every rank holds its own BatchNorm statistics; evaluation must use rank 0's
+    (the ones saved), or the in-training mIoU is not the checkpoint's."""
+    result = launch("train.py", [str(tiny_recipe), "--set", "train.steps=3", "--set", "train.eval_every=0",
+                                 "--set", "log.images=0"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    during = json.loads((run / "metrics" / "step-3.json").read_text())
+    out = tmp_path / "after.json"
+    after = launch("eval.py", [str(tiny_recipe), "--checkpoint", str(run / "checkpoints" / "step-3"),
+                               "--out", str(out)], nproc=2)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert json.loads(out.read_text())["confusion_matrix"] == during["confusion_matrix"]

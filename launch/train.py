@@ -1,7 +1,9 @@
-"""Train a recipe:  accelerate launch [--multi_gpu --num_processes N] launch/train.py RECIPE [--set k=v ...] [--resume]
+"""Train a recipe:  accelerate launch [--multi_gpu --num_processes N] launch/train.py RECIPE [--set k=v ...] [--resume [auto]]
 
 One process per GPU under `accelerate launch` or `torchrun`; on a CPU-only machine the same
 command forms a gloo group of N CPU processes. `python launch/train.py RECIPE` runs one process.
+SIGTERM or SIGUSR1 stop it after the current step with a checkpoint (exit 0); slurm/*.sbatch use
+`--resume auto` so that a requeued job continues where it stopped.
 """
 
 import argparse
@@ -24,17 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path of the TOML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in train.run_dir")
+    p.add_argument("--resume", nargs="?", const="must", default="no", choices=["auto", "must"], metavar="auto",
+                   help="continue from the latest complete checkpoint in train.run_dir (an error if there is "
+                   "none); --resume auto: continue if there is one, else start (what a requeued job needs)")
+    p.add_argument("--print-run-dir", action="store_true",
+                   help="print the recipe's resolved train.run_dir and exit (used by slurm/*.sbatch)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from segdist.engine import train
     from segdist.recipe import load_recipe
 
-    train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_run_dir:
+        print(os.path.abspath(recipe.train.run_dir))
+        return 0
+    from segdist.engine import train
+
+    train(recipe, resume=args.resume)
     return 0
 
 

@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimizer, scheduler,
-                    trainer_state: dict, recipe_toml: str) -> Path:
+                    trainer_state: dict, recipe_toml: str, ema=None) -> Path:
     """Write checkpoint `name` atomically; every rank must call this (it holds two barriers)."""
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp-{name}"
@@ -75,6 +75,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimize
         save_file(state, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if ema is not None:  # segdist.models.ema.ModelEMA: tensors and numbers only
+            torch.save(ema.state_dict(), tmp / "ema.pt")
         atomic_write_json(tmp / "state.json", trainer_state)
         atomic_write_text(tmp / "recipe.toml", recipe_toml)
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
@@ -82,11 +84,23 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimize
     accelerator.wait_for_everyone()
     final = root / name
     if accelerator.is_main_process:
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        sizes = {}
+        for p in sorted(tmp.iterdir()):
+            _fsync(p)  # the marker must not outlive its files in a power cut, only in a kill
+            sizes[p.name] = p.stat().st_size
         atomic_write_json(tmp / MARKER, {"name": name, "files": sizes})
         _swap_into_place(tmp, final)
+        _fsync(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -126,19 +140,49 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete `step-N` with the highest N; incomplete ones are skipped with a warning."""
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `step-N` folder as (N, path), highest N first, complete or not."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
-        return None
-    steps = sorted(
-        ((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))), reverse=True
-    )
-    for _, path in steps:
+        return []
+    return sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))), reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete `step-N` with the highest N; incomplete ones are skipped with a warning."""
+    for _, path in step_checkpoints(run_dir):
         if is_complete(path):
             return path
         log.warning("skipping incomplete checkpoint %s (no marker or a truncated file)", path)
     return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete `step-N` (0 = all) and `best`; remove older ones,
+    incomplete ones older than the newest complete, and leftovers of interrupted saves.
+
+    Main process only, and only right after a save completed (no save is in progress then).
+    A folder is renamed to a dot-name before it is deleted, so a kill mid-delete never leaves a
+    half-deleted `step-N` behind.
+    """
+    root = checkpoints_dir(run_dir)
+    doomed = [p for p in root.glob(".*") if p.name.startswith((".tmp-", ".old-", ".del-"))]
+    complete = 0
+    for _, path in step_checkpoints(run_dir):
+        if is_complete(path):
+            complete += 1
+            if keep_last and complete > keep_last:
+                doomed.append(path)
+        elif complete:
+            doomed.append(path)  # an interrupted save older than a complete checkpoint: garbage
+    for path in doomed:
+        if path.name.startswith("."):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        trash = path.with_name(f".del-{path.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -171,12 +215,28 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         ) from None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore weights, optimizer, schedule and this rank's RNG; return the trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, ema=None) -> dict:
+    """Restore weights, optimizer, schedule (and the weights' EMA); return the trainer state. The RNG
+    state is separate (`load_rng_state`): the caller restores it at the point where it was saved."""
     load_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"checkpoint {path} holds an optimizer state that does not fit optim.name = "
+            f"{type(optimizer).__name__.lower()} ({str(exc).splitlines()[0]}); use the run's recipe.toml"
+        ) from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if ema is not None:
+        if (path / "ema.pt").exists():
+            ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        else:
+            log.warning("checkpoint %s holds no EMA of the weights: the average restarts from them", path)
+            ema.reset()
     return json.loads((path / "state.json").read_text())
+
+
+def load_rng_state(path: Path, rank: int) -> dict | None:
+    """This rank's saved RNG state (None when the checkpoint was written by fewer ranks)."""
+    rng_file = path / f"rng-{rank}.pt"
+    return torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None

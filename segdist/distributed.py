@@ -7,13 +7,19 @@ FACTS: under `accelerate launch --multi_gpu` or `torchrun` on a CPU-only machine
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 from datetime import timedelta
 
 import torch
 
 log = logging.getLogger("segdist")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def set_threads() -> None:
@@ -55,3 +61,69 @@ def setup_logging(is_main: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` of every loader: the worker leaves signals to the training
+    process, ignoring SIGUSR1 and any SIGTERM but its parent's, and dies with its parent.
+
+    torch's SIGTERM handler in a DataLoader worker exits quietly on its parent's SIGTERM (the
+    loader's shutdown, multiprocessing's cleanup at exit) and dies of anyone else's, upon which the
+    parent raises ("DataLoader worker ... is killed by signal") wherever it is: in the middle of
+    the stop checkpoint, say. But SLURM signals every process of a job, and torchrun's agent each
+    rank's whole process group. So SIGTERM is blocked here and a thread takes it with its sender:
+    the parent's ends the worker as before, others are dropped (the training process handles its own).
+
+    A worker that outlives a rank killed with -9 holds that rank's sockets (it was forked after
+    the process group formed), so the other ranks would notice the death only when the worker's
+    watchdog ends it, ~5 s later: PR_SET_PDEATHSIG kills it with its parent.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parents = {os.getppid(), getattr(multiprocessing.parent_process(), "pid", None)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid in parents:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm", daemon=True).start()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watchdog still ends the worker
+    if os.getppid() not in parents:
+        os._exit(0)  # the parent died before prctl took effect
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 ask the training to stop at the next step boundary, with a checkpoint.
+
+    SLURM sends SIGTERM to every process of a job it requeues, preempts, cancels or times out
+    (SIGKILL follows after KillWait, 30 s by default); slurm/*.sbatch turn their time-limit warning
+    into SIGUSR1 for the training processes. The handler only records the signal: ranks receive it
+    at different moments (or not at all), so the engine all-reduces the flag after every step
+    (`agreed`) and all ranks stop after the same step, none left alone inside a collective.
+
+    DataLoader workers must not die of these signals either: see `init_loader_worker`.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank if any rank received a stop signal (a collective: call on all ranks)."""
+        flag = torch.tensor(0 if self.received is None else 1, device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def describe(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -4,13 +4,24 @@
 `steps x grad_accum` micro-batches from an endless stream, so the ranks stay in lockstep and DDP
 never pairs gradients of different steps (FACTS: a stream that runs dry on one rank first
 silently corrupts gradients, then hangs).
+
+Faults: SIGTERM/SIGUSR1 end the run after a step all ranks agree on, with a checkpoint (exit 0;
+`--resume auto` continues it); a step whose loss or gradient is not finite on any rank is skipped
+on all ranks, and `train.max_bad_steps` of them in a row end the run with a checkpoint (exit 3).
+Resuming restores weights, optimizer, schedule, every rank's RNG, the step (and so the data
+position and the TensorBoard step): an interrupted run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +30,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from segdist.checkpoint import latest_checkpoint, load_checkpoint, publish_copy, save_checkpoint
+from segdist.checkpoint import (latest_checkpoint, load_checkpoint, load_rng_state, prune_checkpoints, publish_copy,
+                                save_checkpoint, set_rng_state)
 from segdist.data.augment import build_augment
 from segdist.data.manifest import Manifest, load_manifest
 from segdist.data.stream import TrainStream, decode_sample, read_shard, train_loader
-from segdist.distributed import make_accelerator, setup_logging
-from segdist.errors import UserError
+from segdist.distributed import StopSignal, make_accelerator, setup_logging
+from segdist.errors import TrainingDiverged, UserError, errors_are_per_rank
 from segdist.evaluate import evaluate, predict, to_input
 from segdist.fileio import atomic_write_json, atomic_write_text
 from segdist.losses import build_loss
 from segdist.metrics import format_table
-from segdist.models import build_model
+from segdist.models import build_model, prepare_model
+from segdist.models.ema import ModelEMA
 from segdist.optim import build_optimizer, build_scheduler
 from segdist.recipe import ModelConfig, Recipe, dumps_toml
 from segdist.tblog import TensorBoard
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 log = logging.getLogger("segdist")
 
@@ -53,17 +71,30 @@ def resolve_classes(cfg: ModelConfig, manifest: Manifest) -> int:
 
 @dataclass
 class Setup:
-    """Everything checked and built before the process group forms."""
+    """Everything checked before anything is built, created or joined into a process group."""
 
     recipe: Recipe
     train_manifest: Manifest
     val_manifest: Manifest
     classes: int
     resume_from: Path | None
+    start_step: int
+    creates_run_dir: bool
+    """The run folder did not exist: a run that fails before its first checkpoint removes it."""
+
+    @property
+    def finished(self) -> bool:
+        return self.resume_from is not None and self.start_step == self.recipe.train.steps
 
 
-def check_run(recipe: Recipe, resume: bool) -> Setup:
-    """Fail on user errors with one line, before any process group exists (FACTS)."""
+RESUME_MODES = ("no", "must", "auto")
+
+
+def check_run(recipe: Recipe, resume: str = "no") -> Setup:
+    """Fail on user errors with one line, before any process group exists (FACTS) and before
+    anything is written (GUIDE: no partial output). `resume`: "no" (refuse a folder holding
+    checkpoints), "must" (error without one) or "auto" (resume if there is one, else start)."""
+    assert resume in RESUME_MODES, resume
     train_m = load_manifest(recipe.data.root, recipe.data.train_split)
     val_m = load_manifest(recipe.data.root, recipe.data.val_split)
     classes = resolve_classes(recipe.model, train_m)
@@ -72,26 +103,71 @@ def check_run(recipe: Recipe, resume: bool) -> Setup:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if recipe.data.batch_size * world > train_m.num_samples:
         raise UserError(
-            f"data.batch_size = {recipe.data.batch_size} on {world} processes exceeds the "
+            f"data.batch_size = {recipe.data.batch_size} on {world} process{'es' if world > 1 else ''} exceeds the "
             f"{train_m.num_samples} samples of split {train_m.split!r}; lower data.batch_size"
         )
+    for manifest in (train_m, val_m):
+        check_shard_sizes(manifest)
     run_dir = Path(recipe.train.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"train.run_dir {run_dir} is not writable ({exc.strerror}); choose another folder") from None
+    check_writable(run_dir)
     latest = latest_checkpoint(run_dir)
-    if resume and latest is None:
+    if resume == "must" and latest is None:
         raise UserError(f"--resume: no complete checkpoint in {run_dir}/checkpoints; start without --resume")
-    if not resume and latest is not None:
+    if resume == "no" and latest is not None:
         raise UserError(
             f"{run_dir} already holds checkpoints (latest {latest.name}): pass --resume to continue, "
             "or set train.run_dir to a new folder"
         )
-    return Setup(recipe, train_m, val_m, classes, latest if resume else None)
+    resume_from = latest if resume != "no" else None
+    start = check_resumable(resume_from, recipe) if resume_from is not None else 0
+    return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists())
+
+
+def check_shard_sizes(manifest: Manifest) -> None:
+    """One stat per shard instead of hashing them all (verify does that): a tar file is a whole
+    number of 512-byte blocks, so a shard cut short by a failed copy almost always shows here."""
+    for path in manifest.shard_paths():
+        size = path.stat().st_size
+        if size == 0 or size % 512:
+            raise UserError(
+                f"shard {path} is {size} bytes, not a whole number of 512-byte tar blocks: it is truncated; "
+                f"run launch/shard.py verify {manifest.root} and re-convert"
+            )
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run folder, or the folder it would be created in, takes files; nothing is left behind."""
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing, prefix=".segdist-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"train.run_dir {run_dir} is not writable ({exc.strerror}); choose another folder") from None
+
+
+def check_resumable(path: Path, recipe: Recipe) -> int:
+    """The step a checkpoint holds, if this recipe can continue from it (same model and optimizer)."""
+    step = int(json.loads((path / "state.json").read_text())["step"])
+    try:
+        saved = tomllib.loads((path / "recipe.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        saved = {}
+    for section, key in (("model", "arch"), ("model", "encoder"), ("model", "classes"), ("optim", "name")):
+        before = saved.get(section, {}).get(key)
+        now = getattr(getattr(recipe, section), key)
+        before = None if isinstance(before, str) and before.lower() in ("null", "none") else before
+        if key in saved.get(section, {}) and before != now:
+            raise UserError(
+                f"checkpoint {path} was trained with {section}.{key} = {before!r}, this recipe has {now!r}: "
+                f"resume with {path.parent.parent / 'recipe.toml'}, or set train.run_dir to a new folder"
+            )
+    if step > recipe.train.steps:
+        raise UserError(f"checkpoint {path} is at step {step}, past train.steps = {recipe.train.steps}: raise train.steps")
+    return step
 
 
 def fixed_samples(manifest: Manifest, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -105,24 +181,74 @@ def fixed_samples(manifest: Manifest, count: int) -> list[tuple[str, np.ndarray,
     return out
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    setup = check_run(recipe, resume)
-    r = recipe
-    torch.manual_seed(r.train.seed)  # the same initial weights on every rank and every run
-    model = build_model(r.model, setup.classes)
-    loss_fn = build_loss(r.loss, setup.classes, setup.train_manifest.ignore_index)
-    optimizer = build_optimizer(model, r.optim)
-    scheduler = build_scheduler(optimizer, r.schedule, r.train.steps)
+@dataclass
+class Parts:
+    """What training is made of, built before the process group forms (builders raise UserError)."""
 
-    accelerator = make_accelerator(r.train.precision, r.train.grad_accum)
-    setup_logging(accelerator.is_main_process)
-    state = {"step": 0, "best_miou": -1.0}
+    model: torch.nn.Module
+    loss_fn: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    transform: object
+    state: dict
+    """Trainer state: step, best_miou, bad_steps, bad_in_a_row (from the checkpoint when resuming)."""
+    ema: ModelEMA | None = None
+    """EMA of the weights (model.ema_decay > 0): updated by an optimizer hook, evaluated, checkpointed."""
+
+
+def build_parts(r: Recipe, setup: Setup) -> Parts:
+    torch.manual_seed(r.train.seed)  # the same initial weights on every rank and every run
+    # Resuming, the weights come from the checkpoint: no pretrained download (the node may be offline).
+    model_cfg = dataclasses.replace(r.model, encoder_weights=None) if setup.resume_from else r.model
+    model = build_model(model_cfg, setup.classes)
+    # The EMA copies the plain model, before compile (a copied compiled forward would call the original).
+    ema = ModelEMA(model, r.model.ema_decay) if r.model.ema_decay > 0 else None
+    model = prepare_model(model, r.model, "cuda" if torch.cuda.is_available() else "cpu",
+                          int(os.environ.get("WORLD_SIZE", "1")))
+    ignore = setup.train_manifest.ignore_index
+    loss_fn = build_loss(r.loss, setup.classes, ignore, setup.train_manifest.class_pixels)
+    optimizer = build_optimizer(model, r.optim)
+    if ema is not None:
+        ema.attach(optimizer)  # a post-step hook: only applied optimizer steps update the average
+    scheduler = build_scheduler(optimizer, r.schedule, r.train.steps)
+    transform = build_augment(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
+    state = {"step": 0, "best_miou": -1.0, "bad_steps": 0, "bad_in_a_row": 0}
     if setup.resume_from is not None:
-        state = load_checkpoint(setup.resume_from, model, optimizer, scheduler, accelerator.process_index)
+        state.update(load_checkpoint(setup.resume_from, model, optimizer, scheduler, ema))
+    return Parts(model, loss_fn, optimizer, scheduler, transform, state, ema)
+
+
+def train(recipe: Recipe, resume: str | bool = "no") -> dict | None:
+    """Train `recipe` (resume: "no", "must" or "auto", see check_run; True = "must"). Returns the
+    final val metrics, or None when a stop signal ended the run early (after a checkpoint)."""
+    setup = check_run(recipe, {True: "must", False: "no"}.get(resume, resume))
+    if setup.finished:
+        return report_finished(setup)
+    parts = build_parts(recipe, setup)
+    stop = StopSignal()  # from here on SIGTERM/SIGUSR1 mean: finish the step, agree, checkpoint, exit 0
+    accelerator = make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    errors_are_per_rank()
+    setup_logging(accelerator.is_main_process)
+    try:
+        return run(recipe, setup, parts, accelerator, stop)
+    except UserError:
+        run_dir = Path(recipe.train.run_dir)
+        if setup.creates_run_dir and latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # bad data met mid-run: leave nothing behind
+        raise
+    finally:
+        stop.restore()
+
+
+def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) -> dict | None:
+    state = parts.state
+    if setup.resume_from is not None:
         log.info("resumed from %s at step %d", setup.resume_from, state["step"])
         _warn_if_layout_changed(state, accelerator, r)
+    _check_ranks_agree(accelerator, state["step"])
     # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(parts.model, parts.optimizer)
+    scheduler, loss_fn = parts.scheduler, parts.loss_fn
 
     run_dir = Path(r.train.run_dir)
     recipe_toml = dumps_toml(r)
@@ -137,102 +263,170 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     ignore = setup.train_manifest.ignore_index
     stream = TrainStream(
         setup.train_manifest.shard_paths(), rank=accelerator.process_index, world=world, seed=r.train.seed,
-        transform=build_augment(r.data.augment, tuple(r.data.crop), ignore),
+        transform=parts.transform,
         num_classes=setup.train_manifest.num_classes, ignore_index=ignore,
         shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
-        start_batch=state["step"] * r.train.grad_accum,
+        start_batch=state["step"] * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
     )
     batches = iter(train_loader(stream, r.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
     shown = fixed_samples(setup.val_manifest, r.log.images) if accelerator.is_main_process else []
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(accelerator.unwrap_model(model), setup.val_manifest, accelerator,
+        # With an EMA the averaged weights are the ones evaluated, drawn and ranked for `best`.
+        shown_model = parts.ema.module if parts.ema is not None else accelerator.unwrap_model(model)
+        metrics = evaluate(shown_model, setup.val_manifest, accelerator,
                            r.eval.batch_size, r.eval.num_workers)
         log_eval(tb, metrics, setup.val_manifest, step)
-        draw_samples(tb, accelerator.unwrap_model(model), shown, setup.val_manifest, accelerator, step)
+        draw_samples(tb, shown_model, shown, setup.val_manifest, accelerator, step)
         if accelerator.is_main_process:
             atomic_write_json(run_dir / "metrics" / f"step-{step}.json", metrics)
         return metrics
 
-    def checkpoint(step: int, metrics: dict | None) -> None:
-        """`step-N` every ckpt_every steps and at the end; `best` whenever val mIoU improves."""
+    def checkpoint(step: int, metrics: dict | None, force: bool = False) -> None:
+        """`step-N` every ckpt_every steps, at the end and when forced (a stop, a divergence);
+        `best` whenever val mIoU improves."""
         is_best = metrics is not None and metrics["miou"] > state["best_miou"]
         if is_best:
             state["best_miou"] = metrics["miou"]
         trainer_state = {**state, "step": step, "world_size": world, "num_workers": r.data.num_workers}
         args = (model, optimizer, scheduler, trainer_state, recipe_toml)
-        if step % r.train.ckpt_every == 0 or step == r.train.steps:
-            path = save_checkpoint(accelerator, run_dir, f"step-{step}", *args)
-            if is_best and accelerator.is_main_process:
-                publish_copy(path, "best")
+        if force or step % r.train.ckpt_every == 0 or step == r.train.steps:
+            path = save_checkpoint(accelerator, run_dir, f"step-{step}", *args, ema=parts.ema)
+            if accelerator.is_main_process:
+                if is_best:
+                    publish_copy(path, "best")
+                prune_checkpoints(run_dir, r.train.keep_last)  # only now that the new one is complete
             accelerator.wait_for_everyone()
         elif is_best:
-            save_checkpoint(accelerator, run_dir, "best", *args)
+            save_checkpoint(accelerator, run_dir, "best", *args, ema=parts.ema)
 
-    metrics = fit(r, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state["step"],
-                  ignore, run_eval, checkpoint)
+    # The RNG state last: iterating a DataLoader (above) draws from it, and the saved state is the
+    # one the uninterrupted run had right after that checkpoint (dropout, drop-path draw from it).
+    rng = load_rng_state(setup.resume_from, accelerator.process_index) if setup.resume_from else None
+    if rng is not None:
+        set_rng_state(rng)
+    try:
+        metrics = fit(r, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state, ignore,
+                      run_eval, checkpoint, stop)
+    finally:
+        tb.close()
+    if state["step"] < r.train.steps:
+        if accelerator.is_main_process:
+            print(f"stopped after step {state['step']} of {r.train.steps} on {stop.describe()}: checkpoint "
+                  f"step-{state['step']} saved in {run_dir}/checkpoints; continue with --resume auto", flush=True)
+        accelerator.end_training()
+        return None
     if accelerator.is_main_process:
         print(format_table(metrics, setup.val_manifest.classes), flush=True)
         print(f"final val mIoU {metrics['miou']:.4f} on {metrics['num_samples']} samples "
               f"({world} processes)", flush=True)
-    tb.close()
     accelerator.end_training()
     return metrics
 
 
-def fit(r: Recipe, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, start: int,
-        ignore: int, run_eval, checkpoint) -> dict:
-    """The loop: one optimizer step per iteration; evaluation and checkpoints at fixed steps."""
-    world, accum = accelerator.num_processes, r.train.grad_accum
-    bar = tqdm(total=r.train.steps, initial=start, desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    losses, tick, metrics = [], time.perf_counter(), None
-    for step in range(start + 1, r.train.steps + 1):
-        window = [next(batches) for _ in range(accum)]
-        losses.append(train_step(model, optimizer, loss_fn, window, accelerator, r.train.clip_grad_norm, ignore))
-        scheduler.step()  # once per optimizer step, whatever the world size
+def fit(r: Recipe, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state: dict,
+        ignore: int, run_eval, checkpoint, stop: StopSignal) -> dict | None:
+    """The loop: one optimizer step per iteration; evaluation and checkpoints at fixed steps. A stop
+    signal ends it after a step all ranks agree on, with a checkpoint; so do `train.max_bad_steps`
+    consecutive non-finite steps, which then raise TrainingDiverged."""
+    # A progress bar on a terminal; in a log file (SLURM) log_train writes a line instead.
+    bar = tqdm(total=r.train.steps, initial=state["step"], desc="train", dynamic_ncols=True,
+               disable=None if accelerator.is_main_process else True)
+    losses, done, tick, metrics = [], 0, time.perf_counter(), None
+    for step in range(state["step"] + 1, r.train.steps + 1):
+        window = [next(batches) for _ in range(r.train.grad_accum)]
+        loss, finite = train_step(model, optimizer, loss_fn, window, accelerator, r.train.clip_grad_norm, ignore)
+        scheduler.step()  # once per optimizer step, applied or skipped: the LR follows the step count
+        state["step"], done = step, done + 1
         bar.update()
+        if finite:
+            losses.append(loss)
+            state["bad_in_a_row"] = 0
+        else:
+            state["bad_steps"] += 1
+            state["bad_in_a_row"] += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit train.max_bad_steps = %d)",
+                        step, state["bad_in_a_row"], r.train.max_bad_steps)
         if step % r.log.every == 0 or step == r.train.steps:
-            # All ranks log at the same steps, so this small all-reduce is matched on every rank.
-            mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item()
-            elapsed = time.perf_counter() - tick
-            tb.scalar("train/loss", mean_loss, step)
-            tb.scalar("train/lr", scheduler.get_last_lr()[0], step)
-            tb.scalar("perf/samples_per_s", len(losses) * r.data.batch_size * accum * world / elapsed, step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            losses, tick = [], time.perf_counter()
+            log_train(tb, bar, losses, scheduler, state, accelerator, r, done / (time.perf_counter() - tick))
+            losses, done, tick = [], 0, time.perf_counter()
         metrics = None
         if (r.train.eval_every and step % r.train.eval_every == 0) or step == r.train.steps:
             metrics = run_eval(step)
-        if metrics is not None or step % r.train.ckpt_every == 0:
-            checkpoint(step, metrics)
+        diverged = state["bad_in_a_row"] >= r.train.max_bad_steps  # the same on every rank (agreed flag)
+        # Ranks receive a signal at different moments (or only some do): one all-reduce of a 0/1
+        # flag per step makes all of them stop after this same step, none left in a collective.
+        stopping = stop.agreed(accelerator)
+        if metrics is not None or step % r.train.ckpt_every == 0 or diverged or stopping:
+            checkpoint(step, metrics, force=diverged or stopping)
             tick = time.perf_counter()  # throughput counts training only
+        if diverged:
+            raise TrainingDiverged(
+                f"training diverged: steps {step - state['bad_in_a_row'] + 1}-{step} all had a non-finite loss or "
+                f"gradient (train.max_bad_steps = {r.train.max_bad_steps}); their updates were skipped, so checkpoint "
+                f"step-{step} holds the weights of step {step - state['bad_in_a_row']}; lower optim.lr and resume with --resume"
+            )
+        if stopping:
+            log.warning("stopping after step %d on %s", step, stop.describe())
+            break
     bar.close()
     return metrics
 
 
-def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, ignore: int) -> torch.Tensor:
-    """One optimizer step over `len(window)` micro-batches; returns the mean loss (detached)."""
+def log_train(tb: TensorBoard, bar, losses: list, scheduler, state: dict, accelerator, r: Recipe,
+              steps_per_s: float) -> None:
+    step, lr = state["step"], scheduler.get_last_lr()[0]
+    if losses:
+        # Every rank logs at the same steps with as many finite losses (the finite flag is agreed),
+        # so this small all-reduce is matched on every rank.
+        mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item()
+        tb.scalar("train/loss", mean_loss, step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+    tb.scalar("train/lr", lr, step)
+    tb.scalar("train/bad_steps", state["bad_steps"], step)
+    samples = r.data.batch_size * r.train.grad_accum * accelerator.num_processes
+    tb.scalar("perf/samples_per_s", steps_per_s * samples, step)
+    if bar.disable:
+        log.info("step %d/%d: loss %s, lr %.2e, %.1f samples/s%s", step, r.train.steps,
+                 f"{mean_loss:.4f}" if losses else "-", lr, steps_per_s * samples,
+                 f", {state['bad_steps']} skipped steps" if state["bad_steps"] else "")
+
+
+def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, ignore: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over `len(window)` micro-batches: (mean loss, detached; whether the update
+    was applied: on every rank, or on none when any rank's loss or the gradient is not finite)."""
     device = accelerator.device
     masks = [m.to(device, non_blocking=True).long() for _, m in window]
-    # CE is normalised by the valid pixels of the whole effective batch (all micro-batches, all
-    # ranks): one tiny all-reduce per optimizer step buys an exact mean (segdist.losses).
-    valid = torch.stack([(m != ignore).sum() for m in masks]).sum().to(torch.int64)
-    valid = accelerator.reduce(valid, reduction="sum")
-    denominator = max(valid.item(), 1) / (accelerator.num_processes * len(window))
+    # ce/bce terms are normalised by their (class-weighted) count of valid pixels over the whole
+    # effective batch (all micro-batches, all ranks): one tiny all-reduce per optimizer step buys
+    # an exact mean (segdist.losses).
+    counts = accelerator.reduce(torch.stack([loss_fn.count(m) for m in masks]).sum(0), reduction="sum")
+    denominators = loss_fn.denominators(counts, accelerator.num_processes * len(window))
+    # A step that turns out non-finite must leave no trace: its forward passes also moved the
+    # norm layers' running statistics (small: a few numbers per channel), so keep them to put back.
+    buffers = [b.detach().clone() for b in model.buffers()]
     total = torch.zeros((), device=device)
     for (images, _), target in zip(window, masks):
         # accumulate(): no gradient all-reduce until the window's last micro-batch.
         with accelerator.accumulate(model):
             logits = model(to_input(images, device))
-            loss = loss_fn(logits.float(), target, denominator)
+            loss = loss_fn(logits.float(), target, denominators)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()  # a no-op until sync_gradients (accelerate's prepared optimizer)
-            optimizer.zero_grad(set_to_none=True)
         total += loss.detach()
-    return total / len(window)
+    # The last backward all-reduced the gradients, so their norm is the same on every rank
+    # (max_norm inf: measure only). The loss is this rank's own.
+    norm = accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+    # Skip the update on all ranks or on none, else the replicas' weights drift apart.
+    bad = (~torch.isfinite(total) | ~torch.isfinite(norm)).to(torch.int64)
+    finite = accelerator.reduce(bad, reduction="sum").item() == 0
+    if finite:
+        optimizer.step()  # applies: sync_gradients is set after the window's last micro-batch
+    else:
+        with torch.no_grad():
+            for buffer, kept in zip(model.buffers(), buffers):
+                buffer.copy_(kept)
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(window), finite
 
 
 def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> None:
@@ -269,3 +463,21 @@ def _warn_if_layout_changed(state: dict, accelerator, r: Recipe) -> None:
             "data order differs from an uninterrupted run", accelerator.num_processes, r.data.num_workers,
             state.get("world_size"), state.get("num_workers"),
         )
+
+
+def _check_ranks_agree(accelerator, step: int) -> None:
+    """Every rank picked its checkpoint on its own (before the group formed): make sure they agree,
+    e.g. on a network filesystem that showed a just-written checkpoint to some nodes only."""
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device))
+    if bool((steps != step).any()):
+        raise RuntimeError(f"ranks start from different steps {steps.tolist()}: do all nodes see the same run folder?")
+
+
+def report_finished(setup: Setup) -> dict | None:
+    """A resumed run whose latest checkpoint is at train.steps (a job requeued after its last step)."""
+    run_dir = Path(setup.recipe.train.run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{run_dir} already finished: checkpoint {setup.resume_from.name} is at train.steps = "
+              f"{setup.recipe.train.steps}; nothing to do", flush=True)
+    metrics = run_dir / "metrics" / f"step-{setup.start_step}.json"
+    return json.loads(metrics.read_text()) if metrics.is_file() else None

@@ -40,11 +40,15 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per training process (0 = read in the main process)."""
     augment: str = "shapes"
-    """Name of the training augmentation preset (see segdist/data/augment.py)."""
+    """Training augmentation preset: shapes, crop, voc, cityscapes, ph2 or birds (segdist/data/augment.py)."""
+    augment_args: dict = field(default_factory=dict)
+    """Overrides of the preset's parameters, e.g. {scale = [0.75, 1.5], p_flip = 0.0}; {} = its defaults."""
     crop: list[int] = field(default_factory=lambda: [64, 64])
     """Training crop as [height, width]."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer."""
+    on_corrupt: str = "fail"
+    """A truncated shard or undecodable sample in training: "fail", or "skip" it with a warning (eval never skips)."""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
@@ -52,35 +56,56 @@ class DataConfig:
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
         if len(self.crop) != 2 or any(c <= 0 for c in self.crop):
             raise UserError(f"data.crop must be [height, width] of positive ints, got {self.crop}")
+        if self.on_corrupt not in ("fail", "skip"):
+            raise UserError(f"data.on_corrupt must be \"fail\" or \"skip\", got {self.on_corrupt!r}")
+        from segdist.data.augment import check_augment  # checks names and values; no albumentations import
+
+        check_augment(self.augment, self.augment_args)
 
 
 @dataclass
 class ModelConfig:
     arch: str = "Unet"
-    """segmentation-models-pytorch architecture name (Unet, FPN, DeepLabV3Plus, Segformer, ...)."""
-    encoder: str = "resnet18"
-    """Encoder name that the architecture accepts (smp names or timm `tu-...`)."""
+    """smp architecture by class name (Unet, UnetPlusPlus, DeepLabV3Plus, Segformer, ...) or ours: unet, segnet."""
+    encoder: Optional[str] = "resnet18"
+    """smp encoder name (resnet34, mit_b2, ...) or a timm one as "tu-<name>"; ignored ("null") by unet/segnet."""
     encoder_weights: Optional[str] = None
-    """Pretrained encoder weights ("imagenet", ...), a local file, or "null" for random init."""
+    """Pretrained encoder weights: a name smp knows ("imagenet"), a local file path, or "null" (random init)."""
     classes: Optional[int] = None
-    """Output classes; "null" takes the train manifest's class count."""
+    """Outputs: "null" = the train manifest's class count; 1 = binary (one logit, sigmoid, threshold 0)."""
     in_channels: int = 3
     """Input image channels."""
     decoder_channels: Optional[list[int]] = None
-    """Decoder widths for architectures that take a list (Unet, Unet++); "null" = smp default."""
+    """Decoder widths for smp architectures that take a list (Unet, UnetPlusPlus); "null" = smp default."""
+    arch_args: dict = field(default_factory=dict)
+    """More constructor arguments of the architecture, e.g. {decoder_attention_type = "scse"}; {} = its defaults."""
+    channels_last: bool = False
+    """Keep weights and activations in channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """torch.compile the model's forward in place (state_dict keys unchanged)."""
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics across processes (applied only on CUDA with more than one process)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights, evaluated and checkpointed beside them (0 = off)."""
 
     def __post_init__(self) -> None:
         if self.classes is not None:
             _positive("model.classes", self.classes)
         _positive("model.in_channels", self.in_channels)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"model.ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
 
 
 @dataclass
 class LossConfig:
     terms: list[dict] = field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
-    """Weighted sum of loss terms, e.g. [{name = "ce", weight = 0.7}, {name = "dice", weight = 0.3}]."""
+    """Weighted sum of terms, e.g. [{name = "ce", weight = 0.7}, {name = "dice", weight = 0.3, smooth = 1e-5}]."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy term."""
+    """Label smoothing of the ce and bce terms."""
+    class_weights: Optional[list[float]] = None
+    """Per-class weights of the ce and bce terms, one per manifest class; "null" = see class_weighting."""
+    class_weighting: str = "none"
+    """Derive ce/bce class weights from the train manifest's pixel counts: none, inverse, sqrt_inverse, median_frequency."""
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -90,6 +115,14 @@ class LossConfig:
                 raise UserError(f"loss.terms[{i}] has no name: write {{name = \"ce\", weight = 1.0}}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        weightings = ("none", "inverse", "sqrt_inverse", "median_frequency")
+        if self.class_weighting not in weightings:
+            raise UserError(f"loss.class_weighting: unknown {self.class_weighting!r}; valid: {', '.join(weightings)}")
+        if self.class_weights is not None:
+            if self.class_weighting != "none":
+                raise UserError("loss.class_weights and loss.class_weighting are both set: give one of them")
+            if any(w < 0 for w in self.class_weights) or not any(w > 0 for w in self.class_weights):
+                raise UserError(f"loss.class_weights must be >= 0 with at least one > 0, got {self.class_weights}")
 
 
 @dataclass
@@ -97,29 +130,39 @@ class OptimConfig:
     name: str = "adamw"
     """Optimizer: adamw, adam or sgd."""
     lr: float = 1e-3
-    """Peak learning rate (reached after warmup)."""
+    """Peak learning rate (reached after warmup) of the non-encoder parameters."""
     weight_decay: float = 1e-4
     """Weight decay (not applied to norms and biases)."""
     momentum: float = 0.9
     """SGD momentum."""
+    nesterov: bool = False
+    """SGD with Nesterov momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam/AdamW betas."""
+    encoder_lr_mult: float = 1.0
+    """LR multiplier of the model's `encoder` parameters (e.g. 0.1 for a pretrained backbone)."""
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
         _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.momentum", self.momentum)
+        _positive("optim.encoder_lr_mult", self.encoder_lr_mult)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise UserError("optim.nesterov needs optim.name = \"sgd\" and optim.momentum > 0")
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "poly"
-    """LR schedule in optimizer steps: constant, poly or cosine."""
+    """LR schedule in optimizer steps: constant, poly, cosine or onecycle (formulas in segdist/optim.py)."""
     warmup_steps: int = 0
-    """Linear warmup steps from 0 to optim.lr."""
+    """Optimizer steps of linear warmup to optim.lr (from lr/warmup_steps; onecycle from lr/25, needs >= 2)."""
     power: float = 0.9
     """Exponent of the poly schedule."""
     min_lr: float = 0.0
-    """LR at the last step for poly and cosine."""
+    """LR the poly, cosine and onecycle decays end at (the encoder's is scaled by optim.encoder_lr_mult)."""
 
     def __post_init__(self) -> None:
         _non_negative("schedule.warmup_steps", self.warmup_steps)
@@ -144,9 +187,15 @@ class TrainConfig:
     """Run folder: recipe.toml, checkpoints/, tensorboard/, metrics/."""
     seed: int = 0
     """Seed of weights, data order and augmentation."""
+    keep_last: int = 0
+    """Keep only the newest N `step-N` checkpoints (plus `best`); 0 keeps them all."""
+    max_bad_steps: int = 10
+    """Stop (exit 3, last good weights checkpointed) after N consecutive steps with a non-finite loss or gradient."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
+        _non_negative("train.keep_last", self.keep_last)
+        _positive("train.max_bad_steps", self.max_bad_steps)
         _positive("train.grad_accum", self.grad_accum)
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.ckpt_every", self.ckpt_every)

@@ -4,9 +4,11 @@ helper that launches real processes (`python` for one, `accelerate launch` for s
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None):
-    """Run launch/<script> with `nproc` real processes; returns the CompletedProcess."""
+def launch_command(script: str, args: list[str], nproc: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
+    """(argv, environment) that run launch/<script> with `nproc` real processes."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "launch" / script), *args]
@@ -32,6 +34,12 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), str(ROOT / "launch" / script), *args,
         ]
+    return cmd, full_env
+
+
+def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None):
+    """Run launch/<script> with `nproc` real processes; returns the CompletedProcess."""
+    cmd, full_env = launch_command(script, args, nproc, env)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,3 +119,147 @@ def trained_run(shapes_root, tmp_path_factory) -> tuple[Path, Path]:
     result = launch("train.py", [str(recipe)])
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, tmp / "run"
+
+
+# The recipe of the exact-resume, kill -9 and SLURM tests: a 0.4M-parameter encoder (fast steps,
+# 4 MB checkpoints), dropout in the FPN decoder (so a wrongly restored RNG shows), a DataLoader
+# worker, and evaluations in between (each draws from the RNG). Steps and evaluations are fixed:
+# every test that interrupts it compares its final weights with one uninterrupted run.
+EXACT_RECIPE = """
+[data]
+root = "{root}"
+train_split = "train"
+val_split = "val7"
+batch_size = 4
+num_workers = 1
+crop = [32, 32]
+shuffle_buffer = 8
+
+[model]
+arch = "FPN"
+encoder = "tu-mobilenetv3_small_050"
+encoder_weights = "null"
+classes = 4
+
+[optim]
+lr = 0.002
+
+[schedule]
+name = "poly"
+warmup_steps = 1
+
+[train]
+steps = 40
+precision = "fp32"
+eval_every = 20
+ckpt_every = 5
+run_dir = "{run_dir}"
+seed = 3
+
+[eval]
+batch_size = 2
+num_workers = 0
+
+[log]
+every = 5
+images = 1
+"""
+
+
+def write_exact_recipe(shapes_root: Path, folder: Path) -> Path:
+    """EXACT_RECIPE in `folder`, its run folder `folder/run`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "exact.toml"
+    path.write_text(EXACT_RECIPE.format(root=shapes_root, run_dir=folder / "run"))
+    return path
+
+
+def final_weights(run: Path, steps: int = 40) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"step-{steps}" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="session")
+def reference_weights(shapes_root, tmp_path_factory):
+    """`reference_weights(nproc)`: final weights of EXACT_RECIPE trained without interruption by
+    `nproc` processes (trained once per session, on first use)."""
+    cache: dict[int, dict] = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in cache:
+            recipe = write_exact_recipe(shapes_root, tmp_path_factory.mktemp(f"reference{nproc}"))
+            result = launch("train.py", [str(recipe)], nproc=nproc)
+            assert result.returncode == 0, result.stderr[-3000:]
+            cache[nproc] = final_weights(recipe.parent / "run")
+        return cache[nproc]
+
+    return get
+
+
+class Running:
+    """A launch started in the background; its output goes to files (a full pipe would block it)."""
+
+    def __init__(self, script: str, args: list[str], nproc: int, folder: Path, env: dict | None = None) -> None:
+        cmd, full_env = launch_command(script, args, nproc, env)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, start_new_session=True)
+
+    def wait_for(self, *paths: Path, timeout: float = 300) -> Path:
+        """Until one of `paths` exists (returned); fails if the launch ends first or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in paths:
+                if path.exists():
+                    return path
+            assert self.proc.poll() is None, f"ended ({self.proc.returncode}) before {paths[0]} appeared:\n{self.err[-3000:]}"
+            assert time.monotonic() < deadline, f"no {paths[0]} after {timeout}s"
+            time.sleep(0.01)
+
+    def rank_pids(self, world: int = 2, timeout: float = 30) -> dict[int, int]:
+        """RANK -> pid of the training processes (the launcher's children), once all are there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+            ranks = {}
+            for pid in map(int, children.split()):
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue  # gone meanwhile
+                rank = [e for e in env if e.startswith(b"RANK=")]
+                if rank:
+                    ranks[int(rank[0][5:])] = pid
+            if len(ranks) == world:
+                return ranks
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"ranks found: {ranks}\n{self.err[-2000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()

@@ -1,12 +1,20 @@
+"""Checkpoint folders: completeness, latest, best, pruning, RNG round trips; and kill -9 of a
+random rank at random moments (in a step or in a save), five times over, then an exact finish."""
+
 import json
+import os
 import random
+import signal
+import time
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from segdist.checkpoint import (MARKER, is_complete, latest_checkpoint, publish_copy, resolve_checkpoint,
-                                rng_state, set_rng_state)
+from conftest import Running, assert_same_weights, final_weights, launch, write_exact_recipe
+from segdist.checkpoint import (MARKER, STEP_DIR, is_complete, latest_checkpoint, prune_checkpoints, publish_copy,
+                                resolve_checkpoint, rng_state, set_rng_state, step_checkpoints)
 from segdist.errors import UserError
 
 
@@ -46,3 +54,74 @@ def test_rng_state_round_trip_survives_weights_only(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_prune_keeps_the_newest_complete_and_best(tmp_path):
+    for n in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path, f"step-{n}")
+    fake_checkpoint(tmp_path, "step-3", complete=False)   # an interrupted save before step-8: garbage
+    fake_checkpoint(tmp_path, "step-10", complete=False)  # a save in progress or to be redone: kept
+    publish_copy(tmp_path / "checkpoints" / "step-4", "best")
+    for leftover in (".tmp-step-9", ".old-best", ".del-step-1"):
+        (tmp_path / "checkpoints" / leftover).mkdir()
+    prune_checkpoints(tmp_path, keep_last=0)  # 0 keeps every complete one, removes only garbage
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best", "step-10", "step-2", "step-4", "step-6", "step-8"]
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "step-10", "step-6", "step-8"]
+    assert is_complete(tmp_path / "checkpoints" / "best")  # hard links outlive the pruned step-4
+
+
+def _steps_seen(run) -> int:
+    """The highest step whose checkpoint was being or had been written."""
+    names = [p.name.removeprefix(".tmp-") for p in (run / "checkpoints").iterdir()]
+    return max((int(m.group(1)) for n in names if (m := STEP_DIR.match(n))), default=0)
+
+
+def _load_everything(path) -> int:
+    """Read every file of a checkpoint the way resume does (no pickle code); return its step."""
+    load_file(str(path / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng-0.pt", "rng-1.pt"):
+        torch.load(path / name, map_location="cpu", weights_only=True)
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_random_rank_never_leaves_an_unreadable_latest(shapes_root, tmp_path, reference_weights):
+    seed = int(os.environ.get("SEGDIST_KILL_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    recipe = write_exact_recipe(shapes_root, tmp_path)
+    run = tmp_path / "run"
+    # A checkpoint every step: a kill at a random moment often lands inside a save.
+    args = [str(recipe), "--set", "train.ckpt_every=1", "--set", "train.keep_last=2"]
+    start, exits = 0, []
+    for attempt in range(5):
+        resume = ["--resume"] if start else ["--resume", "auto"]
+        job = Running("train.py", [*args, *resume], 2, tmp_path / f"attempt-{attempt}")
+        target = start + rng.randint(1, 4)
+        ckpts = run / "checkpoints"
+        job.wait_for(ckpts / f".tmp-step-{target}", ckpts / f"step-{target}")
+        time.sleep(rng.uniform(0.0, 0.3))
+        rank = rng.randint(0, 1)
+        pid = job.rank_pids()[rank]
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        code = job.finish(timeout=90)  # the launcher must notice and end, not hang
+        in_save = any(p.name.startswith(".tmp-step-") for p in (run / "checkpoints").iterdir())
+        exits.append((rank, round(time.monotonic() - killed_at, 1), "in a save" if in_save else "in a step"))
+        why = f"seed {seed}, attempt {attempt}, rank {rank} killed near step {target}: {exits}"
+        assert code != 0, why
+        seen, latest = _steps_seen(run), latest_checkpoint(run)
+        step = _load_everything(latest) if latest is not None else 0
+        assert step >= seen - 1, f"{why}: latest complete step-{step}, a save of step {seen} was under way"
+        # keep_last = 2, plus one when the kill fell between a save and its prune (pruning waits
+        # for the new checkpoint to be complete); the next run's first save prunes it.
+        complete = [p for _, p in step_checkpoints(run) if is_complete(p)]
+        assert len(complete) <= 3, f"{why}: train.keep_last = 2 but {[p.name for p in complete]}"
+        assert step >= start, why
+        start = step
+    print(f"kill -9 seed {seed}: (rank, seconds until the launcher exited, where) {exits}")
+    final = launch("train.py", [*args, "--resume"], nproc=2)
+    assert final.returncode == 0, final.stderr[-3000:]
+    # Five kills later the weights are those of the uninterrupted run, bit for bit.
+    assert_same_weights(final_weights(run), reference_weights(2))

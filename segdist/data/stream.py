@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
+from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
 
 log = logging.getLogger("segdist")
@@ -351,11 +352,12 @@ def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Dat
     return DataLoader(
         stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        worker_init_fn=init_loader_worker,  # signals are the training process's to handle
     )
 
 
 def eval_loader(stream: EvalStream, batch_size: int, num_workers: int, ignore_index: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=pad_collate(ignore_index),
+        collate_fn=pad_collate(ignore_index), worker_init_fn=init_loader_worker,
     )

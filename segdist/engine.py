@@ -36,7 +36,7 @@ from segdist.data.augment import build_augment
 from segdist.data.manifest import Manifest, load_manifest
 from segdist.data.stream import TrainStream, decode_sample, read_shard, train_loader
 from segdist.distributed import StopSignal, make_accelerator, setup_logging
-from segdist.errors import TrainingDiverged, UserError, errors_are_per_rank
+from segdist.errors import TrainingDiverged, UserError, errors_are_per_rank, user_error_of
 from segdist.evaluate import evaluate, predict, to_input
 from segdist.fileio import atomic_write_json, atomic_write_text
 from segdist.losses import build_loss
@@ -231,9 +231,9 @@ def train(recipe: Recipe, resume: str | bool = "no") -> dict | None:
     setup_logging(accelerator.is_main_process)
     try:
         return run(recipe, setup, parts, accelerator, stop)
-    except UserError:
+    except Exception as exc:
         run_dir = Path(recipe.train.run_dir)
-        if setup.creates_run_dir and latest_checkpoint(run_dir) is None:
+        if user_error_of(exc) and setup.creates_run_dir and latest_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad data met mid-run: leave nothing behind
         raise
     finally:

@@ -9,6 +9,7 @@ the errors are the same on every process) and exits 2 without a traceback; `Trai
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -47,19 +48,44 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     (2; 3 for a diverged training)."""
     try:
         code = main(argv)
-    except UserError as exc:
-        if _is_main_process() or (_group_formed and not getattr(exc, "alike_on_every_rank", False)):
-            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        error = user_error_of(exc)
+        if error is None:
+            raise
+        if _is_main_process() or (_group_formed and not getattr(error, "alike_on_every_rank", False)):
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
     sys.exit(code or 0)
 
 
+def user_error_of(exc: BaseException) -> UserError | None:
+    """`exc` if it is a UserError, or the UserError a DataLoader worker raised: torch raises it
+    again in the training process as its own class when that takes the message alone, else as a
+    RuntimeError holding the worker's traceback text ("Caught CorruptSample in DataLoader worker
+    process 0. Original Traceback ..."). None for anything else (a bug: it keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return exc
+    caught = re.match(r"Caught (\w+) in DataLoader worker process", str(exc))
+    if caught is None or "Original Traceback" not in str(exc):
+        return None
+    for cls in _subclasses(UserError):
+        if cls.__name__ == caught.group(1):
+            error = UserError(str(exc))
+            error.exit_code = cls.exit_code
+            return error
+    return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+
+
 def one_line(exc: BaseException) -> str:
-    """The user's message, also when a DataLoader worker wrapped it in its traceback text."""
+    """The user's message, also when a DataLoader worker wrapped it in its traceback text (whose
+    last line is "module.ErrorClass: message")."""
     text = str(exc).strip()
-    marker = "UserError: "
-    if "Original Traceback" in text and marker in text:
-        text = text.rsplit(marker, 1)[1].strip()
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip(), count=1)
     return text.splitlines()[0] if text else type(exc).__name__

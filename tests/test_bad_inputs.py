@@ -283,6 +283,14 @@ def image_bytes_corrupt(c: Ctx) -> Case:
 
 
 @case
+def image_bytes_corrupt_in_a_loader_worker(c: Ctx) -> Case:
+    # The error class takes more than a message, so torch raises it again as a RuntimeError with
+    # the worker's traceback text: still a user error, one line, exit 2, nothing left behind.
+    corrupt = image_bytes_corrupt(c)
+    return Case(corrupt.args + ["--set", "data.num_workers=1"], corrupt.needles, absent=corrupt.absent, mid_run=True)
+
+
+@case
 def split_empty(c: Ctx) -> Case:
     root = c.data()
     manifest = json.loads((root / "train.json").read_text())

@@ -9,6 +9,7 @@ skipped only where SLURM cannot be installed (not root, no apt-get). Every wait 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -83,14 +84,26 @@ class Slurm:
 def slurm():
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("the local SLURM cluster needs root and apt-get to install and start slurm-wlm (slurm/README.md)")
-    up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=1200)
-    assert up.returncode == 0, up.stderr[-3000:]
-    cluster = Slurm()
-    yield cluster
-    if cluster.jobs:
-        subprocess.run(["scancel", *cluster.jobs], capture_output=True, timeout=60)
-    down = subprocess.run([str(CLUSTER), "down"], capture_output=True, text=True, timeout=300)
-    assert down.returncode == 0, down.stderr[-3000:]
+    # One cluster per machine: a second test session's `up` would restart it under the first one's
+    # jobs (seen on a shared developer machine). Sessions take turns, each waiting at most 15 min.
+    LOGS.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOGS.parent / "test-session.lock", "w") as lock:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "another test session has held the local SLURM cluster for 15 min"
+                time.sleep(1)
+        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=1200)
+        assert up.returncode == 0, up.stderr[-3000:]
+        cluster = Slurm()
+        yield cluster
+        if cluster.jobs:
+            subprocess.run(["scancel", *cluster.jobs], capture_output=True, timeout=60)
+        down = subprocess.run([str(CLUSTER), "down"], capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
 
 
 def wait_for_checkpoint(run: Path, past: int, slurm: Slurm, job: str, log: Path, timeout: float = 300) -> int:

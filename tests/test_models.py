@@ -24,6 +24,10 @@ from segdist.models.pretrained import hub_reachable
 from segdist.models.unet import UPSAMPLES
 from segdist.recipe import ModelConfig
 
+# Hub weights are requested on purpose where the test is that the request fails, fast and clearly:
+# nothing here can download them.
+HUB_WEIGHTS = "imagenet"
+
 
 def own(arch: str, **args) -> ModelConfig:
     return ModelConfig(arch=arch, encoder=None, arch_args=args)
@@ -89,7 +93,7 @@ def test_smp_architectures_take_arch_args():
     (own("segnet", norm="layer"), "valid: batch, instance, group, none"),
     (own("unet", width=8.0), "model.arch_args.width must be a int"),
     (own("segnet", upsample="maxunpool"), "'segnet' has no argument 'upsample'"),
-    (ModelConfig(arch="unet", encoder=None, encoder_weights="imagenet"), "trained from scratch"),
+    (ModelConfig(arch="unet", encoder=None, encoder_weights=HUB_WEIGHTS), "trained from scratch"),
     (ModelConfig(arch="unet", encoder=None, decoder_channels=[8]), "model.decoder_channels is for smp"),
     (ModelConfig(arch="UNet"), "valid names: DPT, DeepLabV3, DeepLabV3Plus, FPN"),
     (ModelConfig(arch="Unet", encoder="resnet35"), "smp has no encoder 'resnet35'; valid names: resnet18"),
@@ -186,7 +190,7 @@ def test_hub_probe():
             server.shutdown()
             server.server_close()
     with pytest.raises(UserError, match="not in the local cache and HF_HUB_OFFLINE is set"):
-        build_model(ModelConfig(arch="Unet", encoder="resnet18", encoder_weights="imagenet"), 2)
+        build_model(ModelConfig(arch="Unet", encoder="resnet18", encoder_weights=HUB_WEIGHTS), 2)
 
 
 @pytest.mark.slow

@@ -44,8 +44,8 @@ def _per_device(weights: torch.Tensor | None, cache: dict, device: torch.device)
     return cache[device]
 
 
-class CrossEntropy:
-    """Multi-class cross-entropy with ignore index, label smoothing and class weights; exact."""
+class _ExactTerm:
+    """A per-pixel term whose sum the engine divides by the effective batch's (weighted) count."""
 
     exact = True
 
@@ -54,6 +54,10 @@ class CrossEntropy:
         self.label_smoothing = label_smoothing
         self.class_weights = class_weights
         self._weights: dict = {}
+
+
+class CrossEntropy(_ExactTerm):
+    """Multi-class cross-entropy with ignore index, label smoothing and class weights; exact."""
 
     def count(self, target: torch.Tensor) -> torch.Tensor:
         """The (weighted) number of valid pixels of `target`, float64."""
@@ -73,17 +77,9 @@ class CrossEntropy:
         return total / denominator
 
 
-class BinaryCrossEntropy:
+class BinaryCrossEntropy(_ExactTerm):
     """BCE with logits for a one-logit model: ignore index, label smoothing, class weights; exact
     like `CrossEntropy` (the sum over valid pixels divided by the effective batch's weighted count)."""
-
-    exact = True
-
-    def __init__(self, ignore_index: int, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.class_weights = class_weights
-        self._weights: dict = {}
 
     def _pixel_weights(self, target: torch.Tensor) -> torch.Tensor:
         """Each pixel's weight: its class's (1 without class weights), 0 where ignored."""

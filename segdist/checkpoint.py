@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimizer, scheduler,
-                    trainer_state: dict, recipe_toml: str, ema=None) -> Path:
+                    trainer_state: dict, recipe_toml: str, ema=None, scaler=None) -> Path:
     """Write checkpoint `name` atomically; every rank must call this (it holds two barriers)."""
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp-{name}"
@@ -77,6 +77,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimize
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema is not None:  # segdist.models.ema.ModelEMA: tensors and numbers only
             torch.save(ema.state_dict(), tmp / "ema.pt")
+        if scaler is not None:  # fp16's GradScaler: its scale and growth tracker, so a resume stays exact
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         atomic_write_json(tmp / "state.json", trainer_state)
         atomic_write_text(tmp / "recipe.toml", recipe_toml)
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
@@ -234,6 +236,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, ema=None) -> dict:
             log.warning("checkpoint %s holds no EMA of the weights: the average restarts from them", path)
             ema.reset()
     return json.loads((path / "state.json").read_text())
+
+
+def load_scaler_state(path: Path, scaler) -> None:
+    """Restore fp16's loss scale; a checkpoint from a run without one starts the scaler afresh."""
+    if (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+    else:
+        log.warning("checkpoint %s holds no loss-scaler state (it was not trained in fp16): the scale starts afresh", path)
 
 
 def load_rng_state(path: Path, rank: int) -> dict | None:

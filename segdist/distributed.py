@@ -26,18 +26,19 @@ def set_threads() -> None:
     """One share of the cores per local process, or the ranks fight over them (FACTS)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(), 1)))
 
 
-def make_accelerator(precision: str = "fp32", grad_accum: int = 1):
+def make_accelerator(precision, grad_accum: int = 1):
+    """The run's Accelerator; `precision` is a resolved segdist.precision.Precision (fp16 brings
+    Accelerate's GradScaler, `accelerator.scaler`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     set_threads()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision="bf16" if precision == "bf16" else "no",
+        mixed_precision=precision.accelerate,
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False),
@@ -52,6 +53,21 @@ def make_accelerator(precision: str = "fp32", grad_accum: int = 1):
             f"{accelerator.num_processes}: the run would silently train independent copies"
         )
     return accelerator
+
+
+def unused_devices_warning(devices: int, local_processes: int, script: str = "launch/train.py") -> str | None:
+    """One line when this node shows more CUDA devices than processes were started on it, with
+    the command that uses them all (`accelerate launch` with no config file starts one process)."""
+    if devices <= local_processes:
+        return None
+    return (f"{devices} CUDA devices are visible but {local_processes} process{'es' if local_processes > 1 else ''} "
+            f"started on this node: `accelerate launch --multi_gpu --num_processes {devices} {script} ...` uses "
+            "them all (or run `accelerate config` once)")
+
+
+def local_world_size() -> int:
+    """Processes started on this node by the launcher (1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def setup_logging(is_main: bool) -> None:
@@ -101,9 +117,10 @@ class StopSignal:
 
     SLURM sends SIGTERM to every process of a job it requeues, preempts, cancels or times out
     (SIGKILL follows after KillWait, 30 s by default); slurm/*.sbatch turn their time-limit warning
-    into SIGUSR1 for the training processes. The handler only records the signal: ranks receive it
-    at different moments (or not at all), so the engine all-reduces the flag after every step
-    (`agreed`) and all ranks stop after the same step, none left alone inside a collective.
+    into SIGUSR1 for the training processes. The handler only records the signal (`received`): ranks
+    receive it at different moments (or not at all), so the engine sums the flag over ranks in every
+    step's collective (segdist.engine.train_step) and all ranks stop after the same step, none left
+    alone inside a collective.
 
     DataLoader workers must not die of these signals either: see `init_loader_worker`.
     """
@@ -115,11 +132,6 @@ class StopSignal:
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
-
-    def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank received a stop signal (a collective: call on all ranks)."""
-        flag = torch.tensor(0 if self.received is None else 1, device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
 
     def describe(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "another rank's signal"

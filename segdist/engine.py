@@ -30,22 +30,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from segdist.checkpoint import (latest_checkpoint, load_checkpoint, load_rng_state, prune_checkpoints, publish_copy,
-                                save_checkpoint, set_rng_state)
+from segdist.checkpoint import (latest_checkpoint, load_checkpoint, load_rng_state, load_scaler_state, prune_checkpoints,
+                                publish_copy, save_checkpoint, set_rng_state)
 from segdist.data.augment import build_augment
 from segdist.data.manifest import Manifest, load_manifest
 from segdist.data.stream import TrainStream, decode_sample, read_shard, train_loader
-from segdist.distributed import StopSignal, make_accelerator, setup_logging
+from segdist.distributed import StopSignal, local_world_size, make_accelerator, setup_logging, unused_devices_warning
 from segdist.errors import TrainingDiverged, UserError, errors_are_per_rank, user_error_of
 from segdist.evaluate import evaluate, predict, to_input
 from segdist.fileio import atomic_write_json, atomic_write_text
 from segdist.losses import build_loss
 from segdist.metrics import format_table
-from segdist.models import build_model, prepare_model
+from segdist.models import build_model, check_batch_norms_train, prepare_model
 from segdist.models.ema import ModelEMA
 from segdist.optim import build_optimizer, build_scheduler
+from segdist.precision import Precision, resolve_precision
 from segdist.recipe import ModelConfig, Recipe, dumps_toml
 from segdist.tblog import TensorBoard
+from segdist.telemetry import StepMeter, flops_per_sample, peak_tflops
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,6 +83,8 @@ class Setup:
     start_step: int
     creates_run_dir: bool
     """The run folder did not exist: a run that fails before its first checkpoint removes it."""
+    precision: Precision
+    """train.precision resolved against this process's device (segdist.precision)."""
 
     @property
     def finished(self) -> bool:
@@ -100,7 +104,10 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     classes = resolve_classes(recipe.model, train_m)
     if val_m.classes != train_m.classes:
         raise UserError(f"splits {train_m.split!r} and {val_m.split!r} in {recipe.data.root} have different class lists")
+    precision = resolve_precision(recipe.train.precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.data.batch_size == 1 and not (recipe.model.sync_bn and torch.cuda.is_available() and world > 1):
+        check_batch_norms_train(recipe.model, classes, tuple(recipe.data.crop))
     if recipe.data.batch_size * world > train_m.num_samples:
         raise UserError(
             f"data.batch_size = {recipe.data.batch_size} on {world} process{'es' if world > 1 else ''} exceeds the "
@@ -120,7 +127,8 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
         )
     resume_from = latest if resume != "no" else None
     start = check_resumable(resume_from, recipe) if resume_from is not None else 0
-    return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists())
+    return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
+                 precision=precision)
 
 
 def check_shard_sizes(manifest: Manifest) -> None:
@@ -191,7 +199,8 @@ class Parts:
     scheduler: object
     transform: object
     state: dict
-    """Trainer state: step, best_miou, bad_steps, bad_in_a_row (from the checkpoint when resuming)."""
+    """Trainer state: step, best_miou, bad_steps, bad_in_a_row, overflow_steps, overflow_in_a_row (from the
+    checkpoint when resuming)."""
     ema: ModelEMA | None = None
     """EMA of the weights (model.ema_decay > 0): updated by an optimizer hook, evaluated, checkpointed."""
 
@@ -212,7 +221,7 @@ def build_parts(r: Recipe, setup: Setup) -> Parts:
         ema.attach(optimizer)  # a post-step hook: only applied optimizer steps update the average
     scheduler = build_scheduler(optimizer, r.schedule, r.train.steps)
     transform = build_augment(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
-    state = {"step": 0, "best_miou": -1.0, "bad_steps": 0, "bad_in_a_row": 0}
+    state = {"step": 0, "best_miou": -1.0, "bad_steps": 0, "bad_in_a_row": 0, "overflow_steps": 0, "overflow_in_a_row": 0}
     if setup.resume_from is not None:
         state.update(load_checkpoint(setup.resume_from, model, optimizer, scheduler, ema))
     return Parts(model, loss_fn, optimizer, scheduler, transform, state, ema)
@@ -226,7 +235,7 @@ def train(recipe: Recipe, resume: str | bool = "no") -> dict | None:
         return report_finished(setup)
     parts = build_parts(recipe, setup)
     stop = StopSignal()  # from here on SIGTERM/SIGUSR1 mean: finish the step, agree, checkpoint, exit 0
-    accelerator = make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    accelerator = make_accelerator(setup.precision, recipe.train.grad_accum)
     errors_are_per_rank()
     setup_logging(accelerator.is_main_process)
     try:
@@ -242,13 +251,17 @@ def train(recipe: Recipe, resume: str | bool = "no") -> dict | None:
 
 def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) -> dict | None:
     state = parts.state
+    precision = setup.precision
     if setup.resume_from is not None:
         log.info("resumed from %s at step %d", setup.resume_from, state["step"])
-        _warn_if_layout_changed(state, accelerator, r)
+        _warn_if_layout_changed(state, accelerator, r, precision)
     _check_ranks_agree(accelerator, state["step"])
     # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
     model, optimizer = accelerator.prepare(parts.model, parts.optimizer)
     scheduler, loss_fn = parts.scheduler, parts.loss_fn
+    scaler = accelerator.scaler  # Accelerate's GradScaler under fp16, else None
+    if scaler is not None and setup.resume_from is not None:
+        load_scaler_state(setup.resume_from, scaler)
 
     run_dir = Path(r.train.run_dir)
     recipe_toml = dumps_toml(r)
@@ -257,8 +270,13 @@ def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) ->
     tb = TensorBoard(run_dir, accelerator.is_main_process, purge_step=state["step"] + 1 if state["step"] else None)
     world = accelerator.num_processes
     effective = r.data.batch_size * r.train.grad_accum * world
-    log.info("world size %d, effective batch %d = %d per process x %d accumulation x %d processes; device %s, %s",
-             world, effective, r.data.batch_size, r.train.grad_accum, world, accelerator.device, r.train.precision)
+    log.info("world size %d, effective batch %d = %d per process x %d accumulation x %d processes; device %s",
+             world, effective, r.data.batch_size, r.train.grad_accum, world, accelerator.device)
+    log.info("precision %s (%s)", precision.name, precision.reason)
+    if precision.warning and accelerator.is_main_process:
+        log.warning("%s", precision.warning)
+    tb.text("run/precision", f"{precision.name}: {precision.reason}", state["step"])
+    meter = make_meter(r, setup, accelerator, precision)
 
     ignore = setup.train_manifest.ignore_index
     stream = TrainStream(
@@ -288,17 +306,18 @@ def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) ->
         is_best = metrics is not None and metrics["miou"] > state["best_miou"]
         if is_best:
             state["best_miou"] = metrics["miou"]
-        trainer_state = {**state, "step": step, "world_size": world, "num_workers": r.data.num_workers}
+        trainer_state = {**state, "step": step, "world_size": world, "num_workers": r.data.num_workers,
+                         "precision": precision.name, "precision_reason": precision.reason}
         args = (model, optimizer, scheduler, trainer_state, recipe_toml)
         if force or step % r.train.ckpt_every == 0 or step == r.train.steps:
-            path = save_checkpoint(accelerator, run_dir, f"step-{step}", *args, ema=parts.ema)
+            path = save_checkpoint(accelerator, run_dir, f"step-{step}", *args, ema=parts.ema, scaler=scaler)
             if accelerator.is_main_process:
                 if is_best:
                     publish_copy(path, "best")
                 prune_checkpoints(run_dir, r.train.keep_last)  # only now that the new one is complete
             accelerator.wait_for_everyone()
         elif is_best:
-            save_checkpoint(accelerator, run_dir, "best", *args, ema=parts.ema)
+            save_checkpoint(accelerator, run_dir, "best", *args, ema=parts.ema, scaler=scaler)
 
     # The RNG state last: iterating a DataLoader (above) draws from it, and the saved state is the
     # one the uninterrupted run had right after that checkpoint (dropout, drop-path draw from it).
@@ -306,8 +325,8 @@ def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) ->
     if rng is not None:
         set_rng_state(rng)
     try:
-        metrics = fit(r, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state, ignore,
-                      run_eval, checkpoint, stop)
+        metrics = fit(r, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state,
+                      run_eval, checkpoint, stop, scaler, meter)
     finally:
         tb.close()
     if state["step"] < r.train.steps:
@@ -324,109 +343,241 @@ def run(r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal) ->
     return metrics
 
 
+def make_meter(r: Recipe, setup: Setup, accelerator, precision: Precision) -> StepMeter:
+    """Telemetry of the loop; on CUDA also the model's FLOPs and the device's peak, for MFU."""
+    device = accelerator.device
+    flops = peak = None
+    if device.type == "cuda":
+        if accelerator.is_local_main_process:
+            warning = unused_devices_warning(torch.cuda.device_count(), local_world_size())
+            if warning:
+                log.warning("%s", warning)
+        model_cfg = dataclasses.replace(r.model, encoder_weights=None)
+        flops = flops_per_sample(lambda: build_model(model_cfg, setup.classes), tuple(r.data.crop))
+        peak = peak_tflops(torch.cuda.get_device_name(device), precision.name, r.log.peak_tflops)
+        if flops:
+            log.info("model: %.2f GFLOP per training sample (forward + backward); device peak %s TFLOP/s",
+                     flops / 1e9, peak if peak else "unknown (set log.peak_tflops for MFU)")
+    return StepMeter(accelerator.num_processes, device, flops, peak)
+
+
 def fit(r: Recipe, model, optimizer, scheduler, loss_fn, batches, accelerator, tb, state: dict,
-        ignore: int, run_eval, checkpoint, stop: StopSignal) -> dict | None:
+        run_eval, checkpoint, stop: StopSignal, scaler, meter: StepMeter) -> dict | None:
     """The loop: one optimizer step per iteration; evaluation and checkpoints at fixed steps. A stop
     signal ends it after a step all ranks agree on, with a checkpoint; so do `train.max_bad_steps`
-    consecutive non-finite steps, which then raise TrainingDiverged."""
+    consecutive non-finite steps (or fp16 overflows), which then raise TrainingDiverged."""
     # A progress bar on a terminal; in a log file (SLURM) log_train writes a line instead.
     bar = tqdm(total=r.train.steps, initial=state["step"], desc="train", dynamic_ncols=True,
                disable=None if accelerator.is_main_process else True)
-    losses, done, tick, metrics = [], 0, time.perf_counter(), None
+
+    def draw() -> list:
+        return [next(batches) for _ in range(r.train.grad_accum)]
+
+    tick = time.perf_counter()
+    window, counts = draw(), None  # the first step reduces its own counts; each step then carries the next's
+    meter.waited(time.perf_counter() - tick)
+    losses, metrics = [], None
     for step in range(state["step"] + 1, r.train.steps + 1):
-        window = [next(batches) for _ in range(r.train.grad_accum)]
-        loss, finite = train_step(model, optimizer, loss_fn, window, accelerator, r.train.clip_grad_norm, ignore)
+        out = train_step(model, optimizer, loss_fn, window, accelerator, r.train.clip_grad_norm, scaler=scaler,
+                         counts=counts, stop_requested=stop.received is not None,
+                         fetch_next=draw if step < r.train.steps else None)
         scheduler.step()  # once per optimizer step, applied or skipped: the LR follows the step count
-        state["step"], done = step, done + 1
+        meter.waited(out.data_wait)
+        meter.stepped(sum(len(m) for _, m in window), sum(m.numel() for _, m in window))
+        window, counts = out.next_window, out.next_counts
+        state["step"] = step
         bar.update()
-        if finite:
-            losses.append(loss)
-            state["bad_in_a_row"] = 0
-        else:
-            state["bad_steps"] += 1
-            state["bad_in_a_row"] += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit train.max_bad_steps = %d)",
-                        step, state["bad_in_a_row"], r.train.max_bad_steps)
+        record_outcome(state, out, step, r.train.max_bad_steps)
+        if not out.bad:
+            losses.append(out.loss)
         if step % r.log.every == 0 or step == r.train.steps:
-            log_train(tb, bar, losses, scheduler, state, accelerator, r, done / (time.perf_counter() - tick))
-            losses, done, tick = [], 0, time.perf_counter()
+            log_train(tb, bar, losses, scheduler, state, accelerator, r, meter.summary(), scaler)
+            losses = []
         metrics = None
         if (r.train.eval_every and step % r.train.eval_every == 0) or step == r.train.steps:
             metrics = run_eval(step)
-        diverged = state["bad_in_a_row"] >= r.train.max_bad_steps  # the same on every rank (agreed flag)
-        # Ranks receive a signal at different moments (or only some do): one all-reduce of a 0/1
-        # flag per step makes all of them stop after this same step, none left in a collective.
-        stopping = stop.agreed(accelerator)
-        if metrics is not None or step % r.train.ckpt_every == 0 or diverged or stopping:
-            checkpoint(step, metrics, force=diverged or stopping)
-            tick = time.perf_counter()  # throughput counts training only
+        diverged = is_diverged(state, r.train.max_bad_steps)
+        if metrics is not None or step % r.train.ckpt_every == 0 or diverged or out.stopping:
+            checkpoint(step, metrics, force=diverged or out.stopping)
+            meter.restart()  # throughput counts training only
         if diverged:
-            raise TrainingDiverged(
-                f"training diverged: steps {step - state['bad_in_a_row'] + 1}-{step} all had a non-finite loss or "
-                f"gradient (train.max_bad_steps = {r.train.max_bad_steps}); their updates were skipped, so checkpoint "
-                f"step-{step} holds the weights of step {step - state['bad_in_a_row']}; lower optim.lr and resume with --resume"
-            )
-        if stopping:
+            raise diverged_error(state, step, r.train.max_bad_steps)
+        if out.stopping:
             log.warning("stopping after step %d on %s", step, stop.describe())
             break
     bar.close()
     return metrics
 
 
+def record_outcome(state: dict, out: "StepOutcome", step: int, max_bad_steps: int) -> None:
+    """Count skipped steps: a bad one (non-finite loss, or gradient without loss scaling) and an fp16
+    overflow (the GradScaler's own skip, which lowers the scale) are counted apart; an applied step
+    ends both runs. `train.max_bad_steps` in a row of either ends the training."""
+    if out.applied:
+        state["bad_in_a_row"] = state["overflow_in_a_row"] = 0
+    elif out.bad:
+        state["bad_steps"] += 1
+        state["bad_in_a_row"] += 1
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit train.max_bad_steps = %d)",
+                    step, state["bad_in_a_row"], max_bad_steps)
+    else:
+        state["overflow_steps"] += 1
+        state["overflow_in_a_row"] += 1
+        if state["overflow_in_a_row"] > 1:
+            log.warning("step %d: fp16 gradient overflow, update skipped and loss scale lowered (%d in a row, limit "
+                        "train.max_bad_steps = %d)", step, state["overflow_in_a_row"], max_bad_steps)
+
+
+def is_diverged(state: dict, max_bad_steps: int) -> bool:
+    """The same on every rank: the flags were summed over ranks by each step's collective."""
+    return max(state["bad_in_a_row"], state["overflow_in_a_row"]) >= max_bad_steps
+
+
+def diverged_error(state: dict, step: int, max_bad_steps: int) -> TrainingDiverged:
+    if state["bad_in_a_row"] >= max_bad_steps:
+        n, what = state["bad_in_a_row"], "had a non-finite loss or gradient"
+    else:
+        n, what = state["overflow_in_a_row"], "overflowed in fp16 although the GradScaler kept lowering the loss scale"
+    return TrainingDiverged(
+        f"training diverged: steps {step - n + 1}-{step} all {what} (train.max_bad_steps = {max_bad_steps}); their "
+        f"updates were skipped, so checkpoint step-{step} holds the weights of step {step - n}; lower optim.lr"
+        + (" (or use train.precision = \"bf16\" or \"fp32\")" if what.startswith("overflowed") else "")
+        + " and resume with --resume"
+    )
+
+
 def log_train(tb: TensorBoard, bar, losses: list, scheduler, state: dict, accelerator, r: Recipe,
-              steps_per_s: float) -> None:
+              perf: dict, scaler) -> None:
     step, lr = state["step"], scheduler.get_last_lr()[0]
-    if losses:
-        # Every rank logs at the same steps with as many finite losses (the finite flag is agreed),
-        # so this small all-reduce is matched on every rank.
-        mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item()
+    # The same on every rank (the bad flag is agreed), so this small all-reduce is matched on every
+    # rank; the only collective and host sync besides the step's own, and only at log steps.
+    mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item() if losses else None
+    if mean_loss is not None:
         tb.scalar("train/loss", mean_loss, step)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ms=f"{perf['step_time_ms']:.0f}")
     tb.scalar("train/lr", lr, step)
     tb.scalar("train/bad_steps", state["bad_steps"], step)
-    samples = r.data.batch_size * r.train.grad_accum * accelerator.num_processes
-    tb.scalar("perf/samples_per_s", steps_per_s * samples, step)
+    if scaler is not None:
+        tb.scalar("train/overflow_steps", state["overflow_steps"], step)
+        tb.scalar("train/loss_scale", scaler.get_scale(), step)
+    for key, value in perf.items():
+        tb.scalar(f"perf/{key}", value, step)
     if bar.disable:
-        log.info("step %d/%d: loss %s, lr %.2e, %.1f samples/s%s", step, r.train.steps,
-                 f"{mean_loss:.4f}" if losses else "-", lr, steps_per_s * samples,
+        mfu = f", MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
+        log.info("step %d/%d: loss %s, lr %.2e, %.0f ms/step, data wait %.0f%%, %.1f samples/s, %.2f Mpx/s, "
+                 "peak mem %.0f MiB%s%s", step, r.train.steps,
+                 f"{mean_loss:.4f}" if mean_loss is not None else "-", lr, perf["step_time_ms"],
+                 100 * perf["data_wait_share"], perf["samples_per_s"], perf["pixels_per_s"] / 1e6,
+                 perf["peak_memory_mb"], mfu,
                  f", {state['bad_steps']} skipped steps" if state["bad_steps"] else "")
 
 
-def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, ignore: int) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over `len(window)` micro-batches: (mean loss, detached; whether the update
-    was applied: on every rank, or on none when any rank's loss or the gradient is not finite)."""
+@dataclass
+class StepOutcome:
+    """What one optimizer step did; every flag was summed over the ranks by the step's one collective."""
+
+    loss: torch.Tensor
+    """This rank's mean micro-batch loss, left on the device (read at log steps only)."""
+    applied: bool
+    bad: bool
+    """Some rank's loss, or (without loss scaling) the gradient, was not finite: update skipped on every rank."""
+    overflow: bool
+    """fp16: the scaled gradient overflowed; the GradScaler skipped the update and lowered its scale."""
+    stopping: bool
+    """Some rank received a stop signal: every rank stops after this step."""
+    next_window: list | None
+    next_counts: list[float] | None
+    """The loss counts of `next_window`, summed over ranks (what the next step divides by)."""
+    data_wait: float
+    """Seconds this rank waited for `next_window`."""
+
+
+def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per loss term, the (class-weighted) valid-pixel count of a window's masks (float64, on their device)."""
+    return torch.stack([loss_fn.count(m) for m in masks]).sum(0)
+
+
+def backward(loss: torch.Tensor, accelerator, scaler) -> None:
+    """What `accelerator.backward` does for DDP, with the loss scaler explicit (so a real
+    GradScaler can drive it anywhere): each micro-batch's loss / accumulation steps."""
+    loss = loss / accelerator.gradient_accumulation_steps
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def grad_norm(model, clip: float) -> torch.Tensor:
+    """The global gradient norm (left on the device), clipping to `clip` when > 0, as
+    `accelerator.clip_grad_norm_` computes it for DDP (which would unscale a second time under fp16)."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = get_total_norm([p.grad for p in params])
+    if clip > 0:
+        clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, scaler=None,
+               counts: list[float] | None = None, stop_requested: bool = False, fetch_next=None) -> StepOutcome:
+    """One optimizer step over `len(window)` micro-batches, with ONE collective and ONE host sync.
+
+    ce/bce terms are normalised by their (class-weighted) count of valid pixels over the whole
+    effective batch (all micro-batches, all ranks: segdist.losses). Those counts must be known
+    before the forward, so each step's collective carries the counts of the NEXT window (drawn
+    with `fetch_next` while this step's kernels run) together with this step's flags: loss not
+    finite, gradient not finite, stop requested. `counts` are this window's (from the step before);
+    None (a first or standalone step) reduces them here, in a collective of their own.
+    """
     device = accelerator.device
     masks = [m.to(device, non_blocking=True).long() for _, m in window]
-    # ce/bce terms are normalised by their (class-weighted) count of valid pixels over the whole
-    # effective batch (all micro-batches, all ranks): one tiny all-reduce per optimizer step buys
-    # an exact mean (segdist.losses).
-    counts = accelerator.reduce(torch.stack([loss_fn.count(m) for m in masks]).sum(0), reduction="sum")
+    if counts is None:
+        counts = accelerator.reduce(window_counts(loss_fn, masks), reduction="sum").tolist()
     denominators = loss_fn.denominators(counts, accelerator.num_processes * len(window))
     # A step that turns out non-finite must leave no trace: its forward passes also moved the
     # norm layers' running statistics (small: a few numbers per channel), so keep them to put back.
-    buffers = [b.detach().clone() for b in model.buffers()]
+    kept = [b.detach().clone() for b in model.buffers()]
     total = torch.zeros((), device=device)
     for (images, _), target in zip(window, masks):
         # accumulate(): no gradient all-reduce until the window's last micro-batch.
         with accelerator.accumulate(model):
             logits = model(to_input(images, device))
             loss = loss_fn(logits.float(), target, denominators)
-            accelerator.backward(loss)
+            backward(loss, accelerator, scaler)
         total += loss.detach()
-    # The last backward all-reduced the gradients, so their norm is the same on every rank
-    # (max_norm inf: measure only). The loss is this rank's own.
-    norm = accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
-    # Skip the update on all ranks or on none, else the replicas' weights drift apart.
-    bad = (~torch.isfinite(total) | ~torch.isfinite(norm)).to(torch.int64)
-    finite = accelerator.reduce(bad, reduction="sum").item() == 0
-    if finite:
-        optimizer.step()  # applies: sync_gradients is set after the window's last micro-batch
-    else:
+    # On a GPU the kernels above are still running: fetch the next window meanwhile.
+    tick = time.perf_counter()
+    next_window = fetch_next() if fetch_next is not None else None
+    next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
+    data_wait = time.perf_counter() - tick
+    if scaler is not None:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))  # clip and check the true gradient
+    # The last backward all-reduced the gradients, so their norm is the same on every rank.
+    norm = grad_norm(model, clip)
+    n_terms = len(counts)
+    next_local = (window_counts(loss_fn, next_masks) if next_masks
+                  else torch.zeros(n_terms, dtype=torch.float64, device=device))
+    flags = torch.stack([~torch.isfinite(total), ~torch.isfinite(norm),
+                         torch.tensor(stop_requested, device=device)]).to(torch.float64)
+    # THE collective of the step, and its one host sync (float64 sums of whole numbers and weights).
+    summed = accelerator.reduce(torch.cat([next_local, flags]), reduction="sum").tolist()
+    loss_bad, grad_bad, stopping = (v > 0 for v in summed[n_terms:])
+    # Skip the update on all ranks or on none, else the replicas' weights drift apart. Under fp16 a
+    # non-finite gradient with a finite loss is the scaler's overflow, not a bad step.
+    bad = loss_bad or (grad_bad and scaler is None)
+    overflow = grad_bad and not bad
+    if bad:
         with torch.no_grad():
-            for buffer, kept in zip(model.buffers(), buffers):
-                buffer.copy_(kept)
+            for buffer, saved in zip(model.buffers(), kept):
+                buffer.copy_(saved)
+    elif not overflow:
+        # Applies: sync_gradients is set after the window's last micro-batch. With a scaler the
+        # gradients are unscaled and known finite, so step the optimizer itself: GradScaler.step
+        # would read its inf flag back to the host, a second sync.
+        (getattr(optimizer, "optimizer", optimizer) if scaler is not None else optimizer).step()
+    if scaler is not None:
+        scaler.update()  # grows the scale, or lowers it after an overflow; one update per unscale_
     optimizer.zero_grad(set_to_none=True)
-    return total / len(window), finite
+    return StepOutcome(total / len(window), not bad and not overflow, bad, overflow, stopping,
+                       next_window, summed[:n_terms] if next_window else None, data_wait)
 
 
 def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> None:
@@ -456,7 +607,10 @@ def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator,
     model.train(was_training)
 
 
-def _warn_if_layout_changed(state: dict, accelerator, r: Recipe) -> None:
+def _warn_if_layout_changed(state: dict, accelerator, r: Recipe, precision: Precision) -> None:
+    if state.get("precision", precision.name) != precision.name:
+        log.warning("resuming in %s (%s); the checkpoint was trained in %s: training continues, but not "
+                    "bit-identical to an uninterrupted run", precision.name, precision.reason, state["precision"])
     if state.get("world_size") != accelerator.num_processes or state.get("num_workers") != r.data.num_workers:
         log.warning(
             "resuming with %d processes x %d workers (checkpoint: %s x %s): training continues, but the "

@@ -100,6 +100,7 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
     from segdist.fileio import atomic_write_json
     from segdist.metrics import format_table
     from segdist.models import build_model
+    from segdist.precision import resolve_precision
 
     manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
     path = resolve_checkpoint(checkpoint)
@@ -115,7 +116,7 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
                             "use the recipe it was trained with (saved beside it as recipe.toml)") from None
     if out is not None and not _writable_parent(out):
         raise UserError(f"--out {out}: its folder does not exist or is not writable")
-    accelerator = make_accelerator(recipe.train.precision)
+    accelerator = make_accelerator(resolve_precision(recipe.train.precision))
     setup_logging(accelerator.is_main_process)
     model.to(accelerator.device)
     log.info("evaluating %s on split %r (%d samples) with %d processes",

@@ -3,7 +3,7 @@
 `build_loss` returns a `WeightedSum`. Its contract with the engine (segdist.engine.train_step):
 
     counts = sum over the window's micro-batches of loss_fn.count(target)   # one number per term
-    counts = all-reduce(counts, sum)                                         # one tiny collective
+    counts = all-reduce(counts, sum)        # packed into the previous step's one collective
     denominators = loss_fn.denominators(counts, world * accum)
     loss = loss_fn(logits, target, denominators)                             # per micro-batch
 
@@ -65,7 +65,8 @@ class CrossEntropy(_ExactTerm):
         w = _per_device(self.class_weights, self._weights, target.device)
         if w is None:
             return valid.sum().to(torch.float64)
-        return w.to(torch.float64)[target[valid]].sum()
+        # No boolean indexing: its output size is data-dependent, a host sync on CUDA every step.
+        return torch.where(valid, w.to(torch.float64)[torch.where(valid, target, 0)], 0.0).sum()
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, denominator: float | None) -> torch.Tensor:
         total = F.cross_entropy(
@@ -180,9 +181,11 @@ class WeightedSum:
         zero = torch.zeros((), dtype=torch.float64, device=target.device)
         return torch.stack([fn.count(target) if fn.exact else zero for _, _, fn in self.terms])
 
-    def denominators(self, counts: torch.Tensor, parts: int) -> list[float | None]:
-        """Per term: its count over the whole effective batch / (world x accum); None for mean terms."""
-        return [_nonzero(float(c)) / parts if fn.exact else None for c, (_, _, fn) in zip(counts.tolist(), self.terms)]
+    def denominators(self, counts: torch.Tensor | list[float], parts: int) -> list[float | None]:
+        """Per term: its count over the whole effective batch / (world x accum); None for mean terms.
+        `counts` already on the host (a list) costs no device sync here."""
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        return [_nonzero(float(c)) / parts if fn.exact else None for c, (_, _, fn) in zip(counts, self.terms)]
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor,
                  denominators: list[float | None] | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Exact segmentation metrics from an int64 confusion matrix.
 
-Each rank counts its own pixels with `bincount` on the device (never float histograms: FACTS,
+Each rank counts its own pixels with an int64 `scatter_add_` on the device (never float histograms: FACTS,
 float32 bins stop counting at 2^24), the ignore index excluded; ONE all-reduce sums the matrices
 after the loop, so the result equals a single process's count bit for bit whatever the world size.
 """
@@ -25,10 +25,15 @@ class ConfusionMatrix:
         """Count pixels of integer predictions against integer labels of the same shape."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ")
-        valid = target != self.ignore_index
         n = self.num_classes
-        index = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
-        self.matrix += torch.bincount(index, minlength=n * n).reshape(n, n)
+        # Ignored pixels go to one extra bin that is dropped: boolean indexing (target[valid]) has a
+        # data-dependent size, a host sync on CUDA, and bincount sizes its output from the data's
+        # max, another; scatter_add_ into a fixed n*n + 1 bins needs neither, and is faster on CPU too.
+        index = torch.where(target == self.ignore_index, n * n, target.to(torch.int64) * n + pred.to(torch.int64))
+        index = index.flatten()
+        bins = torch.zeros(n * n + 1, dtype=torch.int64, device=index.device)
+        bins.scatter_add_(0, index, torch.ones_like(index))
+        self.matrix += bins[: n * n].reshape(n, n)
 
     def reduce(self, accelerator) -> None:
         """Sum the matrices of all ranks: the one collective of an evaluation."""

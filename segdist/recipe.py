@@ -169,14 +169,18 @@ class ScheduleConfig:
         _non_negative("schedule.min_lr", self.min_lr)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+"""train.precision values; segdist.precision resolves "auto" against the hardware."""
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps to train for."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    precision: str = "bf16"
-    """bf16 (autocast) or fp32."""
+    precision: str = "auto"
+    """auto (bf16 where the device runs it natively, fp16 with loss scaling on CUDA without bf16, else fp32), bf16, fp16 (CUDA only) or fp32."""
     clip_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     eval_every: int = 0
@@ -200,8 +204,8 @@ class TrainConfig:
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.ckpt_every", self.ckpt_every)
         _non_negative("train.clip_grad_norm", self.clip_grad_norm)
-        if self.precision not in ("bf16", "fp32"):
-            raise UserError(f"train.precision must be \"bf16\" or \"fp32\", got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
 
 
 @dataclass
@@ -222,10 +226,13 @@ class LogConfig:
     """Log train loss, LR and throughput every N optimizer steps."""
     images: int = 4
     """Fixed validation samples drawn to TensorBoard (input | truth | prediction) at each eval."""
+    peak_tflops: float = 0.0
+    """The GPU's peak dense TFLOP/s at the run's precision for model FLOPs utilisation (0 = from segdist.telemetry's table)."""
 
     def __post_init__(self) -> None:
         _positive("log.every", self.every)
         _non_negative("log.images", self.images)
+        _non_negative("log.peak_tflops", self.peak_tflops)
 
 
 @dataclass

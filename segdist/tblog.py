@@ -31,6 +31,10 @@ class TensorBoard:
         if self.writer is not None and value is not None:
             self.writer.add_scalar(tag, float(value), step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def strip(self, tag: str, image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
               palette: list[list[int]], ignore_index: int, step: int) -> None:
         if self.writer is None:

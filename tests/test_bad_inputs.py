@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, TINY_RECIPE
 from segdist.data.manifest import sha256_file
@@ -197,6 +198,23 @@ def pretrained_weights_offline(c: Ctx) -> Case:
     # HF_HUB_OFFLINE=1 (conftest): no hub here, and none on many clusters' compute nodes.
     return Case(train(c.recipe(), "--set", "model.encoder_weights=imagenet"), ("model.encoder_weights", "imagenet"),
                 absent=(c.run,))
+
+
+@case
+def fp16_on_a_cpu(c: Ctx) -> Case:
+    # Accelerate would silently train fp32 here (FACTS); on a GPU machine fp16 is valid.
+    if torch.cuda.is_available():
+        return Case(train(c.recipe(), "--set", "train.precision=\"fp61\""), ("train.precision", "fp61"), absent=(c.run,))
+    return Case(train(c.recipe(), "--set", "train.precision=\"fp16\""), ("train.precision = \"fp16\"", "CUDA", "auto"),
+                absent=(c.run,))
+
+
+@case
+def batch_of_one_with_an_aspp_image_pooling_branch(c: Ctx) -> Case:
+    # DeepLabV3+'s ASPP pools each image to 1x1: its BatchNorm cannot train on one sample.
+    return Case(train(c.recipe(), "--set", "model.arch=DeepLabV3Plus", "--set", "model.encoder=resnet18",
+                      "--set", "model.decoder_channels=\"null\"", "--set", "data.batch_size=1"),
+                ("data.batch_size = 1", "decoder.aspp", "data.batch_size to >= 2", "model.sync_bn"), absent=(c.run,))
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Real launches of launch/train.py: 2 processes forming one gloo group, TensorBoard tags,
 atomic checkpoints, resume at the right step; a stop signal mid-run, then a resume (past a broken
-checkpoint) that ends bit-identical to an uninterrupted run, with 1 and 2 processes; NaN steps."""
+checkpoint) that ends bit-identical to an uninterrupted run, with 1 and 2 processes (and with
+precision "auto"); NaN steps; fp16 loss-scaler overflows driven by a real GradScaler."""
 
 import json
 import os
@@ -133,3 +134,103 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_3(shapes_root
     weights = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert [(e.step, e.value) for e in _scalars(run, "train/bad_steps")] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+
+
+class _Gain(torch.nn.Module):
+    """Logits x 1000: gradients large enough that a huge loss scale overflows them (a real inf)."""
+
+    def forward(self, x):
+        return x * 1000.0
+
+
+def _scaler_setup(init_scale: float):
+    from segdist.distributed import make_accelerator
+    from segdist.losses import build_loss
+    from segdist.precision import Precision
+    from segdist.recipe import LossConfig
+
+    accelerator = make_accelerator(Precision("fp32", "fp32", "test"), 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 3, 1), _Gain())
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1e-6))
+    # torch runs GradScaler on the CPU: the same unscale / inf check / backoff as on a GPU under fp16.
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=2.0**-100, growth_interval=1000)
+    g = torch.Generator().manual_seed(0)
+    window = [(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g),
+               torch.randint(0, 3, (2, 16, 16), generator=g))]
+    return accelerator, model, optimizer, scaler, build_loss(LossConfig(), 3, 255), window
+
+
+def _state():
+    return {"step": 0, "bad_steps": 0, "bad_in_a_row": 0, "overflow_steps": 0, "overflow_in_a_row": 0}
+
+
+def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step():
+    from segdist.engine import is_diverged, record_outcome, train_step
+
+    accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**126)
+    state, before = _state(), [p.detach().clone() for p in model.state_dict().values()]
+    out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
+    # The scaled gradient overflowed to inf: no update (weights and BatchNorm statistics as they
+    # were: the optimizer did not step), the scale backed off, and it is not a bad step.
+    assert out.overflow and not out.bad and not out.applied and torch.isfinite(out.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before[:2], list(model.state_dict().values())[:2]))
+    assert scaler.get_scale() == 2.0**26
+    record_outcome(state, out, 1, 3)
+    assert (state["bad_steps"], state["overflow_steps"], state["overflow_in_a_row"]) == (0, 1, 1)
+    # With the lowered scale the same window trains, and the run of overflows ends.
+    out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
+    assert out.applied and not out.overflow and scaler.get_scale() == 2.0**26
+    assert not torch.equal(before[0], model.state_dict()["0.weight"])
+    record_outcome(state, out, 2, 3)
+    assert (state["bad_steps"], state["overflow_steps"], state["overflow_in_a_row"]) == (0, 1, 0)
+    assert not is_diverged(state, 1)
+
+
+def test_a_scaler_that_keeps_overflowing_ends_the_run_and_a_nan_loss_is_a_bad_step():
+    from segdist.engine import diverged_error, is_diverged, record_outcome, train_step
+
+    # An infinite scale stays infinite when backed off: every step overflows.
+    accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(float("inf"))
+    state = _state()
+    for step in (1, 2, 3):
+        out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
+        assert out.overflow and not out.applied
+        record_outcome(state, out, step, 3)
+        assert is_diverged(state, 3) == (step == 3)
+    assert state["bad_steps"] == 0
+    assert "overflowed in fp16" in str(diverged_error(state, 3, 3))
+    # A loss that is not finite is a bad step with or without a scaler: the scale cannot fix a forward.
+    accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**16)
+    with torch.no_grad():
+        accelerator.unwrap_model(model)[3].bias.fill_(float("nan"))
+    kept = [b.clone() for b in model.buffers()]
+    out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
+    assert out.bad and not out.overflow and not out.applied
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.buffers()))  # no trace, not even BatchNorm's
+    record_outcome(state := _state(), out, 1, 3)
+    assert (state["bad_steps"], state["overflow_steps"]) == (1, 0)
+
+
+@pytest.mark.slow
+def test_precision_auto_is_recorded_and_a_resume_is_bit_identical(shapes_root, tmp_path):
+    auto = ["--set", "train.precision=\"auto\"", "--set", "train.steps=15"]
+    reference = write_exact_recipe(shapes_root, tmp_path / "reference")
+    result = launch("train.py", [str(reference), *auto])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"precision (bf16|fp32) \(auto: ", result.stderr), result.stderr[-2000:]
+    recipe = write_exact_recipe(shapes_root, tmp_path / "interrupted")
+    run = recipe.parent / "run"
+    job = Running("train.py", [str(recipe), *auto], 1, tmp_path / "first")
+    job.wait_for(run / "checkpoints" / "step-5" / "COMPLETE")
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.finish(120) == 0, job.err[-3000:]
+    resumed = launch("train.py", [str(recipe), *auto, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(run, 15), final_weights(reference.parent / "run", 15))
+    state = json.loads((run / "checkpoints" / "step-15" / "state.json").read_text())
+    assert state["precision"] in ("bf16", "fp32") and state["precision_reason"].startswith("auto: ")
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "run/precision/text_summary" in acc.Tags()["tensors"]

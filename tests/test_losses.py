@@ -159,8 +159,9 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from segdist.distributed import make_accelerator
     from segdist.engine import train_step
+    from segdist.precision import Precision
 
-    accelerator = make_accelerator("fp32", ACCUM)
+    accelerator = make_accelerator(Precision("fp32", "fp32", "test"), ACCUM)
     assert accelerator.num_processes == WORLD  # a real 2-rank group, not two single runs
     result = {}
     for name, (classes, cfg) in CONFIGS.items():
@@ -170,8 +171,8 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
         model, optimizer = accelerator.prepare(model, optimizer)
         images, masks = grad_data(classes == 1)
         window = [(images[rank, a], masks[rank, a]) for a in range(ACCUM)]
-        _, finite = train_step(model, optimizer, build_loss(cfg, classes, IGNORE), window, accelerator, 0.0, IGNORE)
-        assert finite
+        outcome = train_step(model, optimizer, build_loss(cfg, classes, IGNORE), window, accelerator, 0.0)
+        assert outcome.applied
         after = accelerator.unwrap_model(model).parameters()
         result[name] = [b - a.detach() for b, a in zip(before, after)]
     torch.save(result, os.path.join(out_dir, f"grad-{rank}.pt"))

@@ -40,7 +40,7 @@ def test_int_accepted_for_float(tmp_path):
         ("[train]\nsteps = \"ten\"\n", "train.steps"),
         ("[train]\nsteps = 1.5\n", "train.steps"),
         ("[data]\nbatch_size = true\n", "data.batch_size"),
-        ("[train]\nprecision = \"fp16\"\n", "train.precision"),
+        ("[train]\nprecision = \"fp61\"\n", "train.precision"),
         ("[data]\ncrop = 64\n", "data.crop"),
         ("[optim]\nlr = -1.0\n", "optim.lr"),
         ("[train\n", "not valid TOML"),
@@ -75,3 +75,9 @@ def test_cli_exit_2_one_line(args, needle):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_precision_defaults_to_auto():
+    from segdist.recipe import TrainConfig
+
+    assert TrainConfig().precision == "auto"

@@ -9,6 +9,7 @@ arguments to the constructor; names the constructor does not take fail with the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -174,6 +175,40 @@ def _check_encoder_name(encoder: str, weights: str | bool | None) -> None:
         known = ", ".join(encoders[encoder]["pretrained_settings"]) or "none"
         raise UserError(f"model.encoder_weights: smp has no {weights!r} weights for {encoder}; known: {known} "
                         "(or a local file path, or \"null\")")
+
+
+def check_batch_norms_train(cfg: ModelConfig, classes: int, crop: tuple[int, int]) -> None:
+    """With `data.batch_size = 1` a BatchNorm layer whose input is a 1x1 map (an ASPP image-pooling
+    branch pools every image to one pixel) sees one value per channel and cannot train ("Expected
+    more than 1 value per channel when training"): a UserError naming the layer, before anything
+    starts. Shapes only: a copy of the model runs one sample on the meta device (no memory, no
+    compute); a model that cannot run there is not checked."""
+    seen: list[str] = []
+
+    def hook(name: str):
+        def check(module, args):
+            x = args[0]
+            if x.dim() >= 2 and x.numel() // x.shape[1] == 1 and not seen:
+                seen.append(name)
+        return check
+
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg, encoder_weights=None), classes)
+            for name, module in model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.register_forward_pre_hook(hook(name))
+            model.eval()  # shapes are the same; eval mode lets the forward reach every layer
+            with torch.no_grad():
+                model(torch.empty(1, cfg.in_channels, *crop))
+    except Exception:  # noqa: BLE001 - best effort: the check needs a meta-device forward
+        return
+    if seen:
+        raise UserError(
+            f"data.batch_size = 1: BatchNorm layer {seen[0]!r} of model.arch = {cfg.arch!r} sees one value per channel "
+            "(a 1x1 map of one sample) and cannot train; raise data.batch_size to >= 2, or set model.sync_bn = true "
+            "and train on >= 2 CUDA processes"
+        )
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, device_type: str, world_size: int) -> nn.Module:

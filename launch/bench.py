@@ -1,8 +1,10 @@
-"""Benchmarks:  python launch/bench.py data [--count 48 --batches 16 ...]
+"""Benchmarks:  python launch/bench.py {data,metric,step} [...]   (--help on each)
 
 `data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
-folder of files, JPEG- vs PNG-stored shards (see BENCHMARKS.md). Each benchmark is a subcommand
-of segdist/bench.py; this script only parses and calls it.
+folder of files, JPEG- vs PNG-stored shards. `metric` times the confusion-matrix update against
+seed notebook 002's numpy loop and torchmetrics. `step` times segdist's train step against a bare
+PyTorch loop. See BENCHMARKS.md. Each benchmark is a subcommand of segdist/bench.py; this script
+only parses and calls it.
 """
 
 import os

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     add_data_parser(sub)
     add_metric_parser(sub)
+    add_step_parser(sub)
     return parser
 
 
@@ -329,3 +330,98 @@ def _machine() -> str:
     from segdist.precision import detect_hardware
 
     return detect_hardware().describe()
+
+
+# -- step --------------------------------------------------------------------------------------------
+STEP_DOC = """Train-step overhead: segdist's real `train_step` (exact loss normalisation, the packed
+collective, the non-finite guard, BatchNorm restore) against the loop a user writes by hand —
+forward, F.cross_entropy(ignore_index), backward, clip_grad_norm_, optimizer.step — on the same
+model, batches, precision ("auto" resolved here), AdamW and clipping, in interleaved blocks of
+--block steps, best block of --rounds each. One process (this one); the 2-process figures of the
+issue are not built yet."""
+
+
+def add_step_parser(sub) -> None:
+    p = sub.add_parser("step", help="segdist's train step vs a bare PyTorch loop, interleaved",
+                       description=STEP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["demo", "smp_unet_r18"], default="demo",
+                   help="demo = recipes/shapes_unet.toml's UNet at 64x64, batch 8; smp_unet_r18 = smp Unet-ResNet18 at "
+                        "256x256, batch 4 (default demo)")
+    p.add_argument("--block", type=int, default=5, help="steps per timed block (default 5)")
+    p.add_argument("--rounds", type=int, default=4, help="blocks per loop, interleaved; the best counts (default 4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(run=run_step)
+
+
+def run_step(args: argparse.Namespace) -> int:
+    import math
+
+    import torch.nn.functional as F
+
+    from segdist.distributed import make_accelerator
+    from segdist.engine import train_step
+    from segdist.evaluate import to_input
+    from segdist.losses import build_loss
+    from segdist.models import build_model
+    from segdist.precision import detect_hardware, resolve_precision
+    from segdist.recipe import LossConfig, ModelConfig
+
+    torch.set_num_threads(args.threads)
+    if args.model == "demo":
+        cfg = ModelConfig(arch="unet", encoder=None, encoder_weights=None, arch_args={"width": 16, "depth": 4})
+        size, batch, classes = 64, 8, 5
+    else:
+        cfg = ModelConfig(arch="Unet", encoder="resnet18", encoder_weights=None)
+        size, batch, classes = 256, 4, 5
+    precision = resolve_precision("auto")
+    accelerator = make_accelerator(precision, 1)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, classes, (batch, size, size), generator=g)
+    masks[:, :2] = 255
+    loss_fn = build_loss(LossConfig(), classes, 255)
+
+    def setup():
+        torch.manual_seed(0)
+        model = build_model(cfg, classes)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return accelerator.prepare(model, optimizer)
+
+    seg_model, seg_opt = setup()
+    bare_model, bare_opt = setup()
+
+    window, carried = [(images, masks)], {"counts": None}
+
+    def segdist_block():
+        # As the engine's loop runs it: each step's collective carries the next window's counts.
+        for _ in range(args.block):
+            out = train_step(seg_model, seg_opt, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler,
+                             counts=carried["counts"], fetch_next=lambda: window)
+            carried["counts"] = out.next_counts
+
+    def bare_block():
+        device = accelerator.device
+        for _ in range(args.block):
+            with accelerator.autocast():
+                logits = bare_model(to_input(images, device))
+            loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+            bare_opt.step()
+            bare_opt.zero_grad(set_to_none=True)
+
+    segdist_block(), bare_block()  # warm-up
+    best = {"segdist": math.inf, "bare": math.inf}
+    for _ in range(args.rounds):
+        for name, fn in (("segdist", segdist_block), ("bare", bare_block)):
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / args.block)
+    print(f"train step: {args.model}, batch {batch} at {size}x{size}, {precision.name}, 1 process, "
+          f"{args.threads} thread(s), best of {args.rounds} interleaved blocks of {args.block}; {detect_hardware().describe()}")
+    print(f"{'loop':<10} {'ms/step':>9}")
+    for name, seconds in best.items():
+        print(f"{name:<10} {1000 * seconds:>9.1f}")
+    print(f"bare / segdist = {best['bare'] / best['segdist']:.3f}")
+    return 0

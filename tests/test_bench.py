@@ -56,3 +56,13 @@ def test_notebook_loop_counts_intersection_and_union_over_valid_pixels():
     pred = np.array([[0, 0, 1], [1, 0, 0]])
     inter, union = notebook_loop(pred, target, 2, 255)
     assert inter.tolist() == [2, 1] and union.tolist() == [4, 3]
+
+
+def test_step_bench_times_both_loops_and_prints_the_ratio(capsys):
+    args = build_parser().parse_args(["step", "--block", "1", "--rounds", "1"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train step: demo, batch 8 at 64x64") and "1 process" in out[0]
+    times = {line.split()[0]: float(line.split()[1]) for line in out[2:4]}
+    assert sorted(times) == ["bare", "segdist"] and all(v > 0 for v in times.values())
+    assert re.fullmatch(r"bare / segdist = \d+\.\d{3}", out[4])

@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
+import sys
 import threading
 from datetime import timedelta
 
@@ -63,6 +65,24 @@ def unused_devices_warning(devices: int, local_processes: int, script: str = "la
     return (f"{devices} CUDA devices are visible but {local_processes} process{'es' if local_processes > 1 else ''} "
             f"started on this node: `accelerate launch --multi_gpu --num_processes {devices} {script} ...` uses "
             "them all (or run `accelerate config` once)")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(script: str, args: list[str], nproc: int) -> list[str]:
+    """argv that runs the Python file `script` with `nproc` real processes on this node: the
+    interpreter itself for one, `accelerate launch --multi_gpu` for several (FACTS: `--cpu` would
+    start one), which forms a gloo group on CPUs and NCCL on GPUs. Benches and tests use it."""
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), script, *args]
 
 
 def local_world_size() -> int:

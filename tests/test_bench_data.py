@@ -34,35 +34,3 @@ def test_bad_option_is_one_line_and_exit_2():
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --count 2 is below --batch-size 8: the stream needs a full batch"
-
-
-def test_metric_bench_checks_the_three_agree_and_prints_each(capsys):
-    args = build_parser().parse_args(["metric", "--classes", "5", "--shape", "2", "40", "60", "--rounds", "1"])
-    assert args.run(args) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("metric update: 5 classes, 2x40x60 labels, 1 thread") and "CPU" in out[0]
-    names = [re.match(r"(.+?)\s+[\d.]+\s+[\d.]+x$", line).group(1) for line in out[2:5]]
-    assert names == ["segdist ConfusionMatrix.update", "notebook 002 per-class numpy loop",
-                     "torchmetrics MulticlassJaccardIndex.update"]
-    assert out[5].startswith("all three agree")
-
-
-def test_notebook_loop_counts_intersection_and_union_over_valid_pixels():
-    import numpy as np
-
-    from segdist.bench import notebook_loop
-
-    target = np.array([[0, 1, 255], [1, 1, 0]])
-    pred = np.array([[0, 0, 1], [1, 0, 0]])
-    inter, union = notebook_loop(pred, target, 2, 255)
-    assert inter.tolist() == [2, 1] and union.tolist() == [4, 3]
-
-
-def test_step_bench_times_both_loops_and_prints_the_ratio(capsys):
-    args = build_parser().parse_args(["step", "--block", "1", "--rounds", "1"])
-    assert args.run(args) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("train step: demo, batch 8 at 64x64") and "1 process" in out[0]
-    times = {line.split()[0]: float(line.split()[1]) for line in out[2:4]}
-    assert sorted(times) == ["bare", "segdist"] and all(v > 0 for v in times.values())
-    assert re.fullmatch(r"bare / segdist = \d+\.\d{3}", out[4])

@@ -1,0 +1,94 @@
+"""`launch/bench.py metric`: the confusion-matrix update against a numpy loop and torchmetrics."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from segdist.errors import UserError
+from segdist.precision import detect_hardware
+
+METRIC_DOC = """Confusion-matrix update: segdist's ConfusionMatrix.update against seed notebook 002's
+per-class numpy loop (its mean_iou: for each class, boolean masks of prediction and truth,
+summed) and torchmetrics' MulticlassJaccardIndex.update, on the same random labels with an
+ignore band; one thread, best of --rounds interleaved rounds. All three must agree: the per-class
+intersection and union of the notebook's loop and torchmetrics' matrix are checked against
+segdist's before any time is printed."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("metric", help="confusion-matrix update vs a numpy per-class loop and torchmetrics",
+                       description=METRIC_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=19, help="classes (default 19, Cityscapes)")
+    p.add_argument("--shape", type=int, nargs=3, default=[4, 512, 1024], metavar=("N", "H", "W"),
+                   help="batch of label maps (default 4 512 1024)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, the best counts (default 5)")
+    p.set_defaults(run=run_metric)
+
+
+def notebook_loop(pred: np.ndarray, target: np.ndarray, n: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seed notebook 002's per-class loop, counting over valid pixels (the notebook also counted
+    predictions on ignored pixels in the union): per-class intersection and union."""
+    valid = target != ignore
+    inter, union = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for c in range(n):
+        p, t = (pred == c) & valid, target == c
+        inter[c] = np.logical_and(p, t).sum()
+        union[c] = np.logical_or(p, t).sum()
+    return inter, union
+
+
+def run_metric(args: argparse.Namespace) -> int:
+    from segdist.metrics import ConfusionMatrix
+
+    try:
+        from torchmetrics.classification import MulticlassJaccardIndex
+    except ImportError:
+        raise UserError("bench metric needs torchmetrics: pip install -e '.[bench]'") from None
+    torch.set_num_threads(1)
+    n, ignore = args.classes, 255
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, n, tuple(args.shape), generator=g)
+    target[:, : args.shape[1] // 10] = ignore  # an ignored band, as Cityscapes' ego-vehicle rows
+    pred = torch.randint(0, n, tuple(args.shape), generator=g)
+    pred_np, target_np = pred.numpy(), target.numpy()
+
+    def ours():
+        cm = ConfusionMatrix(n, ignore)
+        cm.update(pred, target)
+        return cm.matrix
+
+    def numpy_loop():
+        return notebook_loop(pred_np, target_np, n, ignore)
+
+    def torchmetrics_update():
+        metric = MulticlassJaccardIndex(num_classes=n, ignore_index=ignore, average=None)
+        metric.update(pred, target)
+        return metric.confmat
+
+    cm = ours()
+    inter, union = numpy_loop()
+    tm = torchmetrics_update()
+    diag = cm.diagonal()
+    if not (torch.equal(tm.to(torch.int64), cm) and np.array_equal(inter, diag.numpy())
+            and np.array_equal(union, (cm.sum(0) + cm.sum(1) - diag).numpy())):
+        raise RuntimeError("the three confusion matrices differ")
+    runs = {"segdist ConfusionMatrix.update": ours, "notebook 002 per-class numpy loop": numpy_loop,
+            "torchmetrics MulticlassJaccardIndex.update": torchmetrics_update}
+    best = {name: float("inf") for name in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"metric update: {n} classes, {'x'.join(map(str, args.shape))} labels, 1 thread, best of {args.rounds}; "
+          f"{detect_hardware().describe()}")
+    print(f"{'update':<44} {'ms':>9} {'segdist speed-up':>17}")
+    ours_s = best["segdist ConfusionMatrix.update"]
+    for name, seconds in best.items():
+        print(f"{name:<44} {1000 * seconds:>9.2f} {seconds / ours_s:>16.1f}x")
+    print("all three agree: the same matrix (per-class intersection and union for the numpy loop)")
+    return 0

@@ -1,0 +1,227 @@
+"""`launch/bench.py step`: segdist's train step against the loop a user writes by hand.
+
+segdist's real `train_step` (exact loss normalisation, the packed collective, the non-finite
+guard, BatchNorm restore) runs against forward, F.cross_entropy(ignore_index), backward,
+clip_grad_norm_, optimizer.step: the same model, batches, precision ("auto" resolved on the
+device), AdamW and clipping, plain DistributedDataParallel when several processes run. Timed in
+interleaved blocks of --block steps, the best block of --rounds counts.
+
+`--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
+several, one thread each by default) and prints one table; launched by hand under `accelerate
+launch` it times that world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segdist.errors import UserError
+
+MODELS = {
+    # name: (arch, encoder, arch_args, size, batch); 5 classes as the shapes demo
+    "demo": ("unet", None, {"width": 16, "depth": 4}, 64, 8),
+    "smp_unet_r18": ("Unet", "resnet18", {}, 256, 4),
+}
+CLASSES = 5
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("step", help="segdist's train step vs a bare PyTorch (DDP) loop, interleaved",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    p.add_argument("--block", type=int, default=5, help="steps per timed block (default 5)")
+    p.add_argument("--rounds", type=int, default=4, help="blocks per loop, interleaved; the best counts (default 4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
+                   help="launch the bench once per world size N and print them together (e.g. 1 2); default: "
+                        "time the world size this was launched with")
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a launched child's figures, as JSON
+    p.set_defaults(run=run)
+
+
+def add_model_options(p) -> None:
+    p.add_argument("--model", choices=sorted(MODELS), default="demo",
+                   help="demo = recipes/shapes_unet.toml's UNet at 64x64, batch 8; smp_unet_r18 = smp Unet-ResNet18 at "
+                        "256x256, batch 4 (default demo)")
+    p.add_argument("--size", type=int, default=None, help="square input size (default: the model's)")
+    p.add_argument("--batch", type=int, default=None, help="samples per process (default: the model's)")
+
+
+@dataclass
+class StepTiming:
+    model: str
+    size: int
+    batch: int
+    precision: str
+    world: int
+    segdist_s: float
+    bare_s: float
+    flops_per_sample: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.bare_s / self.segdist_s
+
+
+def model_config(name: str, channels_last: bool = False, compile: bool = False):
+    from segdist.recipe import ModelConfig
+
+    arch, encoder, arch_args, _, _ = MODELS[name]
+    return ModelConfig(arch=arch, encoder=encoder, encoder_weights=None, arch_args=dict(arch_args),
+                       channels_last=channels_last, compile=compile)
+
+
+def time_steps(args, accelerator, precision, channels_last: bool = False, compile: bool = False,
+               flops: bool = False) -> StepTiming:
+    """Both loops on this process's accelerator; every rank returns the same (rank 0's) figures."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from segdist.engine import train_step
+    from segdist.evaluate import to_input
+    from segdist.losses import build_loss
+    from segdist.models import build_model, prepare_model
+    from segdist.recipe import LossConfig
+    from segdist.telemetry import flops_per_sample
+
+    _, _, _, default_size, default_batch = MODELS[args.model]
+    size, batch = args.size or default_size, args.batch or default_batch
+    cfg = model_config(args.model, channels_last, compile)
+    device, world = accelerator.device, accelerator.num_processes
+    g = torch.Generator().manual_seed(accelerator.process_index)  # each rank its own batch, as in training
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, CLASSES, (batch, size, size), generator=g)
+    masks[:, :2] = 255
+    loss_fn = build_loss(LossConfig(), CLASSES, 255)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = prepare_model(build_model(cfg, CLASSES), cfg, device.type, world)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    seg_model, seg_opt = accelerator.prepare(*fresh())
+    bare_model, bare_opt = fresh()
+    bare_model.to(device)
+    if world > 1:
+        bare_model = DistributedDataParallel(bare_model, device_ids=[device.index] if device.type == "cuda" else None)
+    bare_scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
+    window, carried = [(images, masks)], {"counts": None}
+
+    def segdist_block():
+        # As the engine's loop runs it: each step's collective carries the next window's counts.
+        for _ in range(args.block):
+            out = train_step(seg_model, seg_opt, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler,
+                             counts=carried["counts"], fetch_next=lambda: window)
+            carried["counts"] = out.next_counts
+
+    def bare_block():
+        for _ in range(args.block):
+            with accelerator.autocast():
+                logits = bare_model(to_input(images, device))
+            loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)
+            if bare_scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+                bare_opt.step()
+            else:
+                bare_scaler.scale(loss).backward()
+                bare_scaler.unscale_(bare_opt)
+                torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+                bare_scaler.step(bare_opt)
+                bare_scaler.update()
+            bare_opt.zero_grad(set_to_none=True)
+
+    def timed(fn) -> float:
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / args.block
+
+    timed(segdist_block), timed(bare_block)  # warm-up (and compilation)
+    best = {"segdist": math.inf, "bare": math.inf}
+    for _ in range(args.rounds):
+        for name, fn in (("segdist", segdist_block), ("bare", bare_block)):
+            best[name] = min(best[name], timed(fn))
+    # rank 0's clock speaks for all: the ranks run in lockstep through their collectives
+    figures = torch.tensor([best["segdist"], best["bare"]], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.broadcast(figures, src=0)
+    plain_cfg = model_config(args.model)
+    count = flops_per_sample(lambda: build_model(plain_cfg, CLASSES), (size, size)) if flops else None
+    return StepTiming(args.model, size, batch, precision.name, world, *figures.tolist(), count)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("block", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.processes:
+        return run_launched(args)
+    from segdist.distributed import make_accelerator
+    from segdist.precision import detect_hardware, resolve_precision
+
+    precision = resolve_precision("auto")
+    accelerator = make_accelerator(precision, 1)
+    torch.set_num_threads(args.threads)
+    timing = time_steps(args, accelerator, precision)
+    if accelerator.is_main_process:
+        if args.result:
+            Path(args.result).write_text(json.dumps(timing.__dict__))
+        else:
+            print(header(args, [timing], detect_hardware().describe()))
+            print(table([timing]))
+    accelerator.end_training()
+    return 0
+
+
+def run_launched(args: argparse.Namespace) -> int:
+    """One launch per world size, in the order given; one table."""
+    from segdist.distributed import launch_command
+    from segdist.precision import detect_hardware
+
+    if min(args.processes) < 1:
+        raise UserError(f"--processes: world sizes must be >= 1, got {args.processes}")
+    script = str(Path(__file__).resolve().parents[2] / "launch" / "bench.py")
+    timings = []
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-step-") as tmp:
+        for n in args.processes:
+            result = Path(tmp) / f"world{n}.json"
+            child = ["step", "--model", args.model, "--block", str(args.block), "--rounds", str(args.rounds),
+                     "--threads", str(args.threads), "--result", str(result)]
+            child += [*(["--size", str(args.size)] if args.size else []), *(["--batch", str(args.batch)] if args.batch else [])]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            done = subprocess.run(launch_command(script, child, n), env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not result.exists():
+                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"bench step with {n} process(es) failed (exit {done.returncode}): {tail}")
+            timings.append(StepTiming(**json.loads(result.read_text())))
+    print(header(args, timings, detect_hardware().describe()))
+    print(table(timings))
+    return 0
+
+
+def header(args, timings: list[StepTiming], machine: str) -> str:
+    t = timings[0]
+    worlds = ", ".join(str(x.world) for x in timings)
+    return (f"train step: {t.model}, batch {t.batch} per process at {t.size}x{t.size}, {t.precision}, "
+            f"{worlds} process(es), {args.threads} thread(s) each, best of {args.rounds} interleaved blocks of "
+            f"{args.block}; {machine}")
+
+
+def table(timings: list[StepTiming]) -> str:
+    lines = [f"{'processes':>9} {'segdist ms/step':>16} {'bare ms/step':>13} {'bare / segdist':>15}"]
+    for t in timings:
+        lines.append(f"{t.world:>9} {1000 * t.segdist_s:>16.1f} {1000 * t.bare_s:>13.1f} {t.ratio:>15.3f}")
+    return "\n".join(lines)

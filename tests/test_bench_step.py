@@ -1,0 +1,45 @@
+import re
+
+import pytest
+
+from segdist.bench import build_parser
+from segdist.errors import UserError
+
+ROW = re.compile(r"\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+\.\d{3})")
+
+
+def rows(lines: list[str]) -> dict[int, tuple[float, float, float]]:
+    out = {}
+    for line in lines:
+        match = ROW.fullmatch(line)
+        assert match, line
+        world, seg, bare, ratio = match.groups()
+        out[int(world)] = (float(seg), float(bare), float(ratio))
+    return out
+
+
+def test_step_bench_in_this_process_times_both_loops(capsys):
+    args = build_parser().parse_args(["step", "--block", "1", "--rounds", "1"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train step: demo, batch 8 per process at 64x64") and "1 process(es)" in out[0]
+    assert "CPU" in out[0] and out[1].split() == ["processes", "segdist", "ms/step", "bare", "ms/step", "bare", "/",
+                                                   "segdist"]
+    (seg, bare, ratio), = rows(out[2:]).values()
+    assert seg > 0 and bare > 0 and ratio == pytest.approx(bare / seg, abs=0.002)
+
+
+def test_step_bench_launches_one_and_two_processes(capsys):
+    # the 2-process row runs segdist's DDP step against plain DistributedDataParallel over gloo
+    args = build_parser().parse_args(["step", "--processes", "1", "2", "--block", "1", "--rounds", "1", "--size", "32"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "at 32x32" in out[0] and "1, 2 process(es), 1 thread(s) each" in out[0]
+    table = rows(out[2:])
+    assert sorted(table) == [1, 2] and all(v > 0 for row in table.values() for v in row)
+
+
+def test_step_bench_refuses_a_world_of_zero():
+    args = build_parser().parse_args(["step", "--processes", "0"])
+    with pytest.raises(UserError, match="world sizes must be >= 1"):
+        args.run(args)

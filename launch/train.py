@@ -18,8 +18,8 @@ from segdist.errors import run_cli  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
-        description="Train a segmentation model from a TOML recipe with DDP, bf16, gradient "
-        "accumulation, exact evaluation, atomic checkpoints and TensorBoard logs in train.run_dir.",
+        description="Train a segmentation model from a TOML recipe with DDP, the precision the device "
+        "runs fastest (train.precision = auto: bf16, fp16 with loss scaling, or fp32), gradient accumulation, exact evaluation, atomic checkpoints and TensorBoard logs in train.run_dir.",
         epilog="example: accelerate launch --multi_gpu --num_processes 2 launch/train.py "
         "recipes/shapes_unet.toml --set train.steps=200",
     )

@@ -4,7 +4,8 @@ segdist's real `train_step` (exact loss normalisation, the packed collective, th
 guard, BatchNorm restore) runs against forward, F.cross_entropy(ignore_index), backward,
 clip_grad_norm_, optimizer.step: the same model, batches, precision ("auto" resolved on the
 device), AdamW and clipping, plain DistributedDataParallel when several processes run. Timed in
-interleaved blocks of --block steps, the best block of --rounds counts.
+interleaved blocks of --block steps, the two loops taking turns to go first; the best block of
+--rounds counts.
 
 `--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
 several, one thread each by default) and prints one table; launched by hand under `accelerate
@@ -151,8 +152,9 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
 
     timed(segdist_block), timed(bare_block)  # warm-up (and compilation)
     best = {"segdist": math.inf, "bare": math.inf}
-    for _ in range(args.rounds):
-        for name, fn in (("segdist", segdist_block), ("bare", bare_block)):
+    loops = [("segdist", segdist_block), ("bare", bare_block)]
+    for round_ in range(args.rounds):
+        for name, fn in loops if round_ % 2 == 0 else loops[::-1]:  # neither always goes first
             best[name] = min(best[name], timed(fn))
     # rank 0's clock speaks for all: the ranks run in lockstep through their collectives
     figures = torch.tensor([best["segdist"], best["bare"]], dtype=torch.float64, device=device)

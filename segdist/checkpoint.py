@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from segdist.errors import UserError
@@ -61,9 +62,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimizer, scheduler,
-                    trainer_state: dict, recipe_toml: str, ema=None, scaler=None) -> Path:
-    """Write checkpoint `name` atomically; every rank must call this (it holds two barriers)."""
+def piece_file(name: str) -> str:
+    """The file of a registered piece: the weights as safetensors, the trainer's counters as JSON,
+    anything else (optimizer, scheduler, ema, scaler, ...) as `<name>.pt` of its state_dict."""
+    return {"model": "model.safetensors", "trainer": "state.json"}.get(name, f"{name}.pt")
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, name: str, pieces: dict, recipe_toml: str) -> Path:
+    """Write checkpoint `name` atomically from the trainer's registry `pieces` (name -> object with
+    `state_dict`; "model" is the prepared model, "trainer" the TrainState); every rank must call
+    this (it holds two barriers)."""
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp-{name}"
     if accelerator.is_main_process:
@@ -71,15 +79,15 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, model, optimize
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if ema is not None:  # segdist.models.ema.ModelEMA: tensors and numbers only
-            torch.save(ema.state_dict(), tmp / "ema.pt")
-        if scaler is not None:  # fp16's GradScaler: its scale and growth tracker, so a resume stays exact
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        atomic_write_json(tmp / "state.json", trainer_state)
+        for piece, obj in pieces.items():
+            target = tmp / piece_file(piece)
+            if piece == "model":
+                weights = accelerator.unwrap_model(obj).state_dict()
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(target))
+            elif piece == "trainer":
+                atomic_write_json(target, obj.state_dict())
+            else:  # tensors and numbers only: they load back with weights_only=True
+                torch.save(obj.state_dict(), target)
         atomic_write_text(tmp / "recipe.toml", recipe_toml)
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     # Every rank's files are on disk before the marker says so.
@@ -206,7 +214,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    state = load_file(str(path / "model.safetensors"))
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {path}: model.safetensors is not readable ({str(exc).strip().splitlines()[0]}); "
+                        "re-copy the checkpoint or use an earlier one") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -217,33 +229,37 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         ) from None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, ema=None) -> dict:
-    """Restore weights, optimizer, schedule (and the weights' EMA); return the trainer state. The RNG
-    state is separate (`load_rng_state`): the caller restores it at the point where it was saved."""
-    load_weights(path, model)
-    try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"checkpoint {path} holds an optimizer state that does not fit optim.name = "
-            f"{type(optimizer).__name__.lower()} ({str(exc).splitlines()[0]}); use the run's recipe.toml"
-        ) from None
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    if ema is not None:
-        if (path / "ema.pt").exists():
-            ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+MISSING = {
+    "ema": "holds no EMA of the weights: the average restarts from them",
+    "scaler": "holds no loss-scaler state (it was not trained in fp16): the scale starts afresh",
+}
+"""Pieces a checkpoint may lack (an earlier run without them): what starts afresh instead."""
+
+
+def restore(path: Path, pieces: dict) -> None:
+    """Load the registered `pieces` (name -> object) that the caller has built from checkpoint
+    `path`, each from its file (`piece_file`). The RNG state is separate (`load_rng_state`): the
+    caller restores it at the point where it was saved."""
+    for piece, obj in pieces.items():
+        target = path / piece_file(piece)
+        if piece == "model":
+            load_weights(path, obj)
+        elif piece == "trainer":
+            obj.load_state_dict(json.loads(target.read_text()))
+        elif not target.exists() and piece in MISSING:
+            log.warning("checkpoint %s %s", path, MISSING[piece])
+            if hasattr(obj, "reset"):
+                obj.reset()
+        elif piece == "optimizer":
+            try:
+                obj.load_state_dict(torch.load(target, map_location="cpu", weights_only=True))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(
+                    f"checkpoint {path} holds an optimizer state that does not fit optim.name = "
+                    f"{type(obj).__name__.lower()} ({str(exc).splitlines()[0]}); use the run's recipe.toml"
+                ) from None
         else:
-            log.warning("checkpoint %s holds no EMA of the weights: the average restarts from them", path)
-            ema.reset()
-    return json.loads((path / "state.json").read_text())
-
-
-def load_scaler_state(path: Path, scaler) -> None:
-    """Restore fp16's loss scale; a checkpoint from a run without one starts the scaler afresh."""
-    if (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
-    else:
-        log.warning("checkpoint %s holds no loss-scaler state (it was not trained in fp16): the scale starts afresh", path)
+            obj.load_state_dict(torch.load(target, map_location="cpu", weights_only=True))
 
 
 def load_rng_state(path: Path, rank: int) -> dict | None:

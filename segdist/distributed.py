@@ -1,4 +1,5 @@
-"""The one place an Accelerator is made, so CPU runs really form a gloo process group.
+"""The one place that reads the rank and world size (`launch_context`) and the one place an
+Accelerator is made, so CPU runs really form a gloo process group.
 
 FACTS: under `accelerate launch --multi_gpu` or `torchrun` on a CPU-only machine, a plain
 `Accelerator()` reports DistributedType.NO in every process (independent runs, silently);
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -22,6 +24,30 @@ import torch
 log = logging.getLogger("segdist")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands among the run's processes."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    """Processes started on this node."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0 and self.local_rank == 0
+
+
+def launch_context() -> DistContext:
+    """What the launcher (accelerate launch, torchrun, SLURM through them) says, before any
+    process group exists: the only reader of RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return DistContext(rank=int(env.get("RANK", "0")), world=world, local_rank=int(env.get("LOCAL_RANK", "0")),
+                       local_world=int(env.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def set_threads() -> None:
@@ -48,7 +74,7 @@ def make_accelerator(precision, grad_accum: int = 1):
             InitProcessGroupKwargs(timeout=timedelta(minutes=10)),
         ],
     )
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = launch_context().world
     if accelerator.num_processes != expected:
         raise RuntimeError(
             f"launcher started {expected} processes but accelerate formed a group of "
@@ -87,7 +113,7 @@ def launch_command(script: str, args: list[str], nproc: int) -> list[str]:
 
 def local_world_size() -> int:
     """Processes started on this node by the launcher (1 without one)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return launch_context().local_world
 
 
 def setup_logging(is_main: bool) -> None:
@@ -139,7 +165,7 @@ class StopSignal:
     (SIGKILL follows after KillWait, 30 s by default); slurm/*.sbatch turn their time-limit warning
     into SIGUSR1 for the training processes. The handler only records the signal (`received`): ranks
     receive it at different moments (or not at all), so the engine sums the flag over ranks in every
-    step's collective (segdist.engine.train_step) and all ranks stop after the same step, none left
+    step's collective (segdist.step.train_step) and all ranks stop after the same step, none left
     alone inside a collective.
 
     DataLoader workers must not die of these signals either: see `init_loader_worker`.

@@ -1,14 +1,21 @@
 """User errors: one line on stderr naming the culprit and the fix, exit code 2.
 
-Anything a user can cause (bad recipe, missing file, bad data) raises `UserError`. Launch scripts
-wrap their `main` in `run_cli`, which prints the message once (on the main process only while
-the errors are the same on every process) and exits 2 without a traceback; `TrainingDiverged`
-(too many non-finite steps) exits 3. Bugs still raise.
+Anything a user can cause (bad recipe, missing file, bad data) raises `UserError`. The command
+lines (segdist.cli) wrap their `main` in `run_cli`, which prints the message once and exits 2
+without a traceback; `TrainingDiverged` (too many non-finite steps) exits 3. Bugs still raise.
+
+Who prints: before the process group forms every rank meets the same user errors, so only the
+main process prints them. An error raised once the group exists (a bad sample, say) may be one
+rank's alone: the engine marks it `per_rank` (`mark_per_rank`) and every rank prints its own,
+unless it is `alike_on_every_rank` (an agreed divergence).
+
+Recognised by type: every UserError can be rebuilt from its message alone, so torch re-raises
+one that a DataLoader worker raised as its own class (with the worker's traceback as its text,
+which `one_line` trims).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from typing import Callable
@@ -27,20 +34,9 @@ class TrainingDiverged(UserError):
     alike_on_every_rank = True  # the ranks agreed on it: the main process alone says so
 
 
-# Before the process group forms every rank sees the same user errors, so only the main process
-# prints them; after it formed an error (a bad sample, say) may be one rank's alone: all print.
-_group_formed = False
-
-
-def errors_are_per_rank() -> None:
-    """Called once the process group exists: from now on every rank prints its own user error."""
-    global _group_formed
-    _group_formed = True
-
-
-def _is_main_process() -> bool:
-    # Before any process group exists the launcher's environment is all we know.
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+def mark_per_rank(exc: BaseException) -> None:
+    """`exc` was raised after the process group formed: it may be this rank's alone."""
+    exc.per_rank = True
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -54,32 +50,19 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         error = user_error_of(exc)
         if error is None:
             raise
-        if _is_main_process() or (_group_formed and not getattr(error, "alike_on_every_rank", False)):
+        from segdist.distributed import launch_context
+
+        per_rank = getattr(exc, "per_rank", False) and not getattr(error, "alike_on_every_rank", False)
+        if launch_context().is_main or per_rank:
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(error.exit_code)
     sys.exit(code or 0)
 
 
 def user_error_of(exc: BaseException) -> UserError | None:
-    """`exc` if it is a UserError, or the UserError a DataLoader worker raised: torch raises it
-    again in the training process as its own class when that takes the message alone, else as a
-    RuntimeError holding the worker's traceback text ("Caught CorruptSample in DataLoader worker
-    process 0. Original Traceback ..."). None for anything else (a bug: it keeps its traceback)."""
-    if isinstance(exc, UserError):
-        return exc
-    caught = re.match(r"Caught (\w+) in DataLoader worker process", str(exc))
-    if caught is None or "Original Traceback" not in str(exc):
-        return None
-    for cls in _subclasses(UserError):
-        if cls.__name__ == caught.group(1):
-            error = UserError(str(exc))
-            error.exit_code = cls.exit_code
-            return error
-    return None
-
-
-def _subclasses(cls: type) -> list[type]:
-    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+    """`exc` if it is a UserError (also one a DataLoader worker raised: torch rebuilds it as its own
+    class), None for anything else (a bug: it keeps its traceback)."""
+    return exc if isinstance(exc, UserError) else None
 
 
 def one_line(exc: BaseException) -> str:

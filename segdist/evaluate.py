@@ -9,7 +9,6 @@ the manifest's valid-pixel total.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -18,26 +17,9 @@ from segdist.data.manifest import Manifest
 from segdist.data.stream import EvalStream, eval_loader
 from segdist.errors import UserError
 from segdist.metrics import ConfusionMatrix, metrics_from_confusion
+from segdist.preprocess import labels_from_logits, to_input
 
 log = logging.getLogger("segdist")
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-
-
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC batch → normalised float NCHW on the device (normalising there is cheaper
-    than shipping floats from the loader workers)."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    return (x - MEAN.to(device)) / STD.to(device)
-
-
-def predict(logits: torch.Tensor) -> torch.Tensor:
-    """Label map from logits: argmax, or logit > 0 for a single-logit (binary) model."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).to(torch.int64)
-    return logits.argmax(dim=1)
-
 
 @torch.no_grad()
 def share_buffers(model: torch.nn.Module, accelerator) -> None:
@@ -55,8 +37,7 @@ def share_buffers(model: torch.nn.Module, accelerator) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int,
-             num_workers: int, check_total: bool = True) -> dict:
+def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int, num_workers: int) -> dict:
     """Metrics of `model` on the whole split, identical for any world size."""
     was_training = model.training
     model.eval()
@@ -70,7 +51,7 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
     for _, images, masks in loader:
         with accelerator.autocast():
             logits = model(to_input(images, accelerator.device))
-        cm.update(predict(logits.float()), masks.to(accelerator.device, non_blocking=True))
+        cm.update(labels_from_logits(logits.float()), masks.to(accelerator.device, non_blocking=True))
         samples += len(masks)
     # The one collective: the matrix and the sample count, summed over ranks.
     n = manifest.num_classes
@@ -81,7 +62,7 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
     metrics["num_samples"] = int(packed[-1])
     metrics["world_size"] = accelerator.num_processes
     metrics["split"] = manifest.split
-    if check_total and (metrics["valid_pixels"] != manifest.valid_pixels or metrics["num_samples"] != manifest.num_samples):
+    if (metrics["valid_pixels"] != manifest.valid_pixels or metrics["num_samples"] != manifest.num_samples):
         raise UserError(
             f"evaluation of split {manifest.split!r} counted {metrics['num_samples']} samples and "
             f"{metrics['valid_pixels']} valid pixels, the manifest says {manifest.num_samples} and "
@@ -93,27 +74,17 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
 
 def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: str | None = None) -> dict:
     """`launch/eval.py`: load a checkpoint, evaluate a split on every rank, print, write JSON."""
-    from segdist.checkpoint import load_weights, resolve_checkpoint
     from segdist.data.manifest import load_manifest
     from segdist.distributed import make_accelerator, setup_logging
-    from segdist.engine import resolve_classes
     from segdist.fileio import atomic_write_json
     from segdist.metrics import format_table
-    from segdist.models import build_model
+    from segdist.models import load_trained
     from segdist.precision import resolve_precision
 
     manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
-    path = resolve_checkpoint(checkpoint)
-    # The checkpoint holds every weight: never ask a hub for pretrained ones.
-    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), resolve_classes(recipe.model, manifest))
-    load_weights(path, model)
-    if (path / "ema.pt").exists():
-        # Training chose `best` by the EMA copy's mIoU: evaluate the same weights.
-        try:
-            model.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"])
-        except (RuntimeError, KeyError) as exc:
-            raise UserError(f"checkpoint {path}/ema.pt does not fit this recipe's model ({str(exc).splitlines()[0]}); "
-                            "use the recipe it was trained with (saved beside it as recipe.toml)") from None
+    # Training chose `best` by the EMA copy's mIoU: load_trained prefers the same weights.
+    model, info = load_trained(recipe, checkpoint, manifest)
+    path = info.checkpoint
     if out is not None and not _writable_parent(out):
         raise UserError(f"--out {out}: its folder does not exist or is not writable")
     accelerator = make_accelerator(resolve_precision(recipe.train.precision))

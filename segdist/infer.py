@@ -1,4 +1,5 @@
-"""Prediction on image files: `launch/predict.py` and the notebook-style `predict(model, image)`.
+"""Prediction on image files: `launch/predict.py` and the notebook-style
+`predict_probabilities(model, image)`.
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
 palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as notebook 004's grayscale birds needed.
@@ -6,7 +7,7 @@ It goes through the model one at a time, in eval mode and fp32, either at its ow
 with black to a multiple of 32, as the eval loader pads, and the logits cropped back) or resized
 to `size` — the training scale — with the logits resized back to the original size (bilinear).
 
-The model is loaded like `segdist.evaluate.evaluate_checkpoint` loads it: built without
+The model comes from `segdist.models.load_trained`, as evaluation loads it: built without
 pretrained encoder weights (the checkpoint holds every weight), its EMA copy preferred when the
 checkpoint has one. Class names and palette come from the manifest of the recipe's val split when
 it exists; without the data folder generic names and the VOC palette stand in, and the number of
@@ -22,7 +23,6 @@ values), so the files always agree with each other.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import io
 import logging
@@ -37,17 +37,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from segdist.data.sample import PAD_MULTIPLE, to_uint8
 from segdist.errors import UserError
-from segdist.evaluate import MEAN, STD
+from segdist.models.trained import BINARY_CLASSES
+from segdist.preprocess import normalise
 
 log = logging.getLogger("segdist")
 
 DEFAULT_THRESHOLD = 0.5
 """Binary label map: probability > threshold (0.5 is the eval's logit > 0)."""
-PAD_MULTIPLE = 32
-"""Inputs are padded to a multiple of this (what smp encoders need), as the eval loader pads."""
-BINARY_CLASSES = ["background", "foreground"]
-"""Class names of a binary model when no manifest is there."""
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -72,9 +70,9 @@ class Predictor:
     def binary(self) -> bool:
         return self.outputs == 1
 
-    def predict(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
-        """`predict(self.model, image, size)`."""
-        return predict(self.model, image, size)
+    def predict_probabilities(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+        """`predict_probabilities(self.model, image, size)`."""
+        return predict_probabilities(self.model, image, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,45 +85,24 @@ def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.de
     its latest checkpoint) or one `checkpoints/step-N` folder; `device` defaults to CUDA if there
     is one, else the CPU.
     """
-    from segdist.checkpoint import load_weights, resolve_checkpoint
-    from segdist.data.manifest import load_manifest, manifest_path
-    from segdist.engine import resolve_classes
-    from segdist.models import build_model
+    from segdist.models import load_trained
     from segdist.recipe import load_recipe
 
     if not hasattr(recipe, "model"):
         recipe = load_recipe(recipe)
-    where = manifest_path(recipe.data.root, recipe.data.val_split)
-    if where.is_file():
-        manifest = load_manifest(recipe.data.root, recipe.data.val_split, check_files=False)
-        outputs = resolve_classes(recipe.model, manifest)
-        classes, palette, ignore_index = manifest.classes, manifest.palette, manifest.ignore_index
+    model, info = load_trained(recipe, checkpoint)
+    if info.manifest is not None:
+        m = info.manifest
+        classes, palette, ignore_index = m.classes, m.palette, m.ignore_index
     else:
-        outputs = recipe.model.classes
-        if outputs is None:
-            raise UserError(
-                f"model.classes is \"null\" and manifest {where} (which would give the class count) is not there: "
-                "set the class count the checkpoint was trained with, e.g. --set model.classes=5 (1 for one binary "
-                "logit), or --set data.root=<the data folder>"
-            )
-        classes = list(BINARY_CLASSES) if outputs == 1 else [f"class_{i}" for i in range(outputs)]
+        classes = list(BINARY_CLASSES) if info.outputs == 1 else [f"class_{i}" for i in range(info.outputs)]
         palette, ignore_index = default_palette(len(classes)), 255
-        log.info("no manifest %s: generic class names and palette", where)
-    path = resolve_checkpoint(checkpoint)
-    # The checkpoint holds every weight: never ask a hub for pretrained ones.
-    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), outputs)
-    load_weights(path, model)
-    if (path / "ema.pt").exists():
-        # Training chose `best` by the EMA copy's mIoU (and evaluate uses it): predict with the same weights.
-        ema = torch.load(path / "ema.pt", map_location="cpu", weights_only=True)["module"]
-        try:
-            model.load_state_dict(ema)
-        except RuntimeError as exc:
-            raise UserError(f"checkpoint {path}: its ema.pt does not fit this recipe's model "
-                            f"({str(exc).strip().splitlines()[0]}); use the recipe it was trained with") from None
+        log.info("no manifest of split %r in %s: generic class names and palette", recipe.data.val_split,
+                 recipe.data.root)
     device = torch.device(device) if device is not None else default_device()
     model.to(device).eval()
-    return Predictor(model, outputs, list(classes), [list(c) for c in palette], ignore_index, path, device)
+    return Predictor(model, info.outputs, list(classes), [list(c) for c in palette], ignore_index, info.checkpoint,
+                     device)
 
 
 def default_device() -> torch.device:
@@ -160,7 +137,7 @@ def read_image(image: ImageLike) -> np.ndarray:
         return imageio.to_rgb(image, Path(getattr(image, "filename", "") or "<PIL image>"))
     arr = np.asarray(image)
     if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        arr = to_uint8(arr)
     if arr.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8 or uint16, got {arr.dtype}")
     if arr.ndim == 2:
@@ -187,7 +164,7 @@ def forward_logits(model: nn.Module, rgb: np.ndarray, size: Sequence[int] | None
     th, tw = x.shape[-2:]
     # Pad in pixel space with 0 before normalising: the eval loader's padding, seen by the model as black.
     x = F.pad(x, (0, -tw % PAD_MULTIPLE, 0, -th % PAD_MULTIPLE))
-    x = (x - MEAN.to(device)) / STD.to(device)
+    x = normalise(x)
     logits = model(x).float()[:, :, :th, :tw]
     if (th, tw) != (h, w):
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -201,13 +178,14 @@ def probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits[0], dim=0).cpu().numpy()
 
 
-def predict(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
     """Probability map of one image at its original size, as notebook 004's `predict(model, img_path)`:
     float32 HxW (probability of the foreground) for a one-logit model, CxHxW (softmax) otherwise.
 
     `image` is a file path, a PIL image or an array; `size` (H, W) resizes it for the forward pass
     (the scale the model was trained at). The model runs in eval mode under no_grad on its device
-    (its train/eval mode is restored after). E.g. `predict(load_predictor(recipe, run).model, "bird.jpg")`.
+    (its train/eval mode is restored after). E.g.
+    `predict_probabilities(load_predictor(recipe, run).model, "bird.jpg")`.
     """
     rgb = read_image(image)
     was_training = model.training
@@ -219,7 +197,7 @@ def predict(model: nn.Module, image: ImageLike, size: Sequence[int] | None = Non
 
 
 def label_map(prob: np.ndarray, threshold: float, num_classes: int) -> np.ndarray:
-    """Class ids from `predict`'s output: prob > threshold (binary), else argmax over classes."""
+    """Class ids from `predict_probabilities`' output: prob > threshold (binary), else argmax over classes."""
     if prob.ndim == 2:
         return (prob > threshold).astype(np.uint8)
     return prob.argmax(axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
@@ -337,7 +315,7 @@ def predict_files(recipe, checkpoint: str, inputs: Sequence[str], out: str, size
              + (", ..." if len(predictor.classes) > 8 else ""))
     written: list[Path] = []
     for path in tqdm(paths, desc="predict", unit="img", disable=None):
-        prob = predictor.predict(path, size)
+        prob = predictor.predict_probabilities(path, size)
         written += write_prediction(predictor, prob, out_dir, path.stem, threshold)
     print(f"wrote predictions of {len(paths)} image(s) to {out_dir}", flush=True)
     return written

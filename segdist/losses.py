@@ -1,6 +1,6 @@
 """Losses: a weighted sum of terms; cross-entropy terms normalised exactly over the effective batch.
 
-`build_loss` returns a `WeightedSum`. Its contract with the engine (segdist.engine.train_step):
+`build_loss` returns a `WeightedSum`. Its contract with the train step (segdist.step.train_step):
 
     counts = sum over the window's micro-batches of loss_fn.count(target)   # one number per term
     counts = all-reduce(counts, sum)        # packed into the previous step's one collective

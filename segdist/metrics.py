@@ -52,13 +52,6 @@ class ConfusionMatrix:
             raise ValueError(f"a label is outside [0, {n}) and is not the ignore index {ignore}")
         return bins[: n * n].reshape(n, n)
 
-    def reduce(self, accelerator) -> None:
-        """Sum the matrices of all ranks: the one collective of an evaluation."""
-        self.matrix = accelerator.reduce(self.matrix, reduction="sum")
-
-    def compute(self) -> dict:
-        return metrics_from_confusion(self.matrix.cpu())
-
 
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den > 0 else None

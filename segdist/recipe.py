@@ -321,12 +321,17 @@ def _section_from_dict(cls: type, section: str, table: dict, source: str) -> Any
     return cls(**kwargs)
 
 
+def parse_null(value: Any) -> Any:
+    """None for the strings that stand for it ("null", "none", any case), else the value."""
+    return None if isinstance(value, str) and value.lower() in NULLS else value
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.lower() in NULLS:
+        if isinstance(value, str) and parse_null(value) is None:
             return None
         return _coerce(key, value, inner[0])
     if origin is list:
@@ -365,14 +370,10 @@ def _describe(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
-
-
 def dumps_toml(recipe: Recipe) -> str:
     """The resolved recipe as TOML that `load_recipe` reads back to an equal Recipe."""
     lines = []
-    for section, table in recipe_to_dict(recipe).items():
+    for section, table in dataclasses.asdict(recipe).items():
         lines.append(f"[{section}]")
         for key, value in table.items():
             lines.append(f"{key} = {_toml_value(value)}")

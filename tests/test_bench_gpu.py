@@ -22,7 +22,7 @@ def test_the_same_checks_run_on_the_cpu(capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     args = build_parser().parse_args(["gpu", "--device", "cpu", "--model", "demo", "--size", "32", "--batch", "4",
                                       "--variants", "eager", "--block", "1", "--rounds", "1", "--frames", "1",
-                                      "--train-steps", "10"])
+                                      "--train-steps", "3"])
     assert args.run(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bench gpu on ") and "CPU" in out[0]
@@ -30,6 +30,6 @@ def test_the_same_checks_run_on_the_cpu(capsys, monkeypatch):
     assert re.fullmatch(r"eager\s+[\d.]+\s+[\d.]+\s+\d+\.\d{3}\s+n/a", out[3])  # no MFU without a GPU's peak
     assert re.fullmatch(r"2\. exact count: 1 label maps of 1024x2048, 19 classes, \d+ valid pixels counted on cpu "
                         r"and on the CPU from the same predictions: identical matrices", out[4])
-    assert re.fullmatch(r"3\. one checkpoint \(10 steps\), evaluated in fp32 on the device: mIoU 0\.\d{6}, on the CPU: "
+    assert re.fullmatch(r"3\. one checkpoint \(3 steps\), evaluated in fp32 on the device: mIoU 0\.\d{6}, on the CPU: "
                         r"0\.\d{6}; \d+ valid pixels each; identical matrices", out[5])
     assert re.fullmatch(r"whole run: [\d.]+ min \(within the 8-minute target\)", out[6])

@@ -163,11 +163,13 @@ def _scaler_setup(init_scale: float):
 
 
 def _state():
-    return {"step": 0, "bad_steps": 0, "bad_in_a_row": 0, "overflow_steps": 0, "overflow_in_a_row": 0}
+    from segdist.trainer import TrainState
+
+    return TrainState()
 
 
 def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step():
-    from segdist.engine import is_diverged, record_outcome, train_step
+    from segdist.step import train_step
 
     accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**126)
     state, before = _state(), [p.detach().clone() for p in model.state_dict().values()]
@@ -177,19 +179,19 @@ def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step():
     assert out.overflow and not out.bad and not out.applied and torch.isfinite(out.loss)
     assert all(torch.equal(a, b) for a, b in zip(before[:2], list(model.state_dict().values())[:2]))
     assert scaler.get_scale() == 2.0**26
-    record_outcome(state, out, 1, 3)
-    assert (state["bad_steps"], state["overflow_steps"], state["overflow_in_a_row"]) == (0, 1, 1)
+    state.record(out, 1, 3)
+    assert (state.bad_steps, state.overflow_steps, state.overflow_in_a_row) == (0, 1, 1)
     # With the lowered scale the same window trains, and the run of overflows ends.
     out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
     assert out.applied and not out.overflow and scaler.get_scale() == 2.0**26
     assert not torch.equal(before[0], model.state_dict()["0.weight"])
-    record_outcome(state, out, 2, 3)
-    assert (state["bad_steps"], state["overflow_steps"], state["overflow_in_a_row"]) == (0, 1, 0)
-    assert not is_diverged(state, 1)
+    state.record(out, 2, 3)
+    assert (state.bad_steps, state.overflow_steps, state.overflow_in_a_row) == (0, 1, 0)
+    assert not state.diverged(1)
 
 
 def test_a_scaler_that_keeps_overflowing_ends_the_run_and_a_nan_loss_is_a_bad_step():
-    from segdist.engine import diverged_error, is_diverged, record_outcome, train_step
+    from segdist.step import train_step
 
     # An infinite scale stays infinite when backed off: every step overflows.
     accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(float("inf"))
@@ -197,10 +199,10 @@ def test_a_scaler_that_keeps_overflowing_ends_the_run_and_a_nan_loss_is_a_bad_st
     for step in (1, 2, 3):
         out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
         assert out.overflow and not out.applied
-        record_outcome(state, out, step, 3)
-        assert is_diverged(state, 3) == (step == 3)
-    assert state["bad_steps"] == 0
-    assert "overflowed in fp16" in str(diverged_error(state, 3, 3))
+        state.record(out, step, 3)
+        assert state.diverged(3) == (step == 3)
+    assert state.bad_steps == 0
+    assert "overflowed in fp16" in str(state.diverged_error(3, 3))
     # A loss that is not finite is a bad step with or without a scaler: the scale cannot fix a forward.
     accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**16)
     with torch.no_grad():
@@ -209,8 +211,8 @@ def test_a_scaler_that_keeps_overflowing_ends_the_run_and_a_nan_loss_is_a_bad_st
     out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
     assert out.bad and not out.overflow and not out.applied
     assert all(torch.equal(a, b) for a, b in zip(kept, model.buffers()))  # no trace, not even BatchNorm's
-    record_outcome(state := _state(), out, 1, 3)
-    assert (state["bad_steps"], state["overflow_steps"]) == (1, 0)
+    (state := _state()).record(out, 1, 3)
+    assert (state.bad_steps, state.overflow_steps) == (1, 0)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import launch
 from segdist.checkpoint import resolve_checkpoint
 from segdist.data.manifest import load_manifest
-from segdist.evaluate import MEAN, STD
+from segdist.preprocess import MEAN, STD
 from segdist.models import build_model
 from segdist.recipe import load_recipe
 from safetensors.torch import load_file

@@ -19,7 +19,7 @@ from conftest import launch
 from segdist.checkpoint import resolve_checkpoint
 from segdist.data.shapes import PALETTE
 from segdist.errors import UserError
-from segdist.infer import load_predictor, predict, predict_files
+from segdist.infer import load_predictor, predict_files, predict_probabilities
 from segdist.models import build_model
 from segdist.recipe import load_recipe
 
@@ -166,28 +166,28 @@ def test_binary_python_api(binary_run, images, tmp_path):
     predictor = load_predictor(recipe, run, device="cpu")
     assert predictor.binary and predictor.classes == ["background", "circle"]
     gray = rgb_of(images["gray"])
-    prob = predict(predictor.model, images["gray"])  # notebook 004: predict(model, img_path) -> HxW
+    prob = predict_probabilities(predictor.model, images["gray"])  # notebook 004: predict(model, img_path) -> HxW
     assert prob.shape == gray.shape[:2] and prob.dtype == np.float32
     np.testing.assert_allclose(prob, torch.sigmoid(direct_logits(model, gray))[0, 0].numpy(), atol=1e-5)
     # --size: the forward at the training scale, probabilities back at the original size.
     rgb = rgb_of(images["rgb"])
-    scaled = predict(predictor.model, Image.open(images["rgb"]), size=(32, 32))
+    scaled = predict_probabilities(predictor.model, Image.open(images["rgb"]), size=(32, 32))
     assert scaled.shape == rgb.shape[:2]
     np.testing.assert_allclose(scaled, torch.sigmoid(direct_logits(model, rgb, (32, 32)))[0, 0].numpy(), atol=1e-5)
-    assert np.abs(scaled - predict(predictor.model, rgb)).max() > 1e-4
+    assert np.abs(scaled - predict_probabilities(predictor.model, rgb)).max() > 1e-4
     # 16-bit gray and RGBA files become the same RGB the converters make.
     sixteen = tmp_path / "sixteen.png"
     Image.fromarray(gray[:, :, 0].astype(np.uint16) * 257).save(sixteen)
     assert Image.open(sixteen).mode.startswith("I")
-    np.testing.assert_allclose(predict(predictor.model, sixteen), prob, atol=1e-6)
+    np.testing.assert_allclose(predict_probabilities(predictor.model, sixteen), prob, atol=1e-6)
     rgba = tmp_path / "rgba.png"
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])).save(rgba)
-    np.testing.assert_allclose(predict(predictor.model, rgba), predict(predictor.model, rgb), atol=1e-6)
+    np.testing.assert_allclose(predict_probabilities(predictor.model, rgba), predict_probabilities(predictor.model, rgb), atol=1e-6)
 
     # Without the data folder: generic names and palette, the same probabilities.
     bare = load_predictor(load_recipe(recipe, [f"data.root={tmp_path / 'nowhere'}"]), run, device="cpu")
     assert bare.classes == ["background", "foreground"] and len(bare.palette) == 2
-    np.testing.assert_allclose(bare.predict(images["gray"]), prob, atol=1e-6)
+    np.testing.assert_allclose(bare.predict_probabilities(images["gray"]), prob, atol=1e-6)
     with pytest.raises(UserError, match="model.classes"):
         load_predictor(load_recipe(recipe, [f"data.root={tmp_path / 'nowhere'}", "model.classes=null"]), run)
 

@@ -158,7 +158,7 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from segdist.distributed import make_accelerator
-    from segdist.engine import train_step
+    from segdist.step import train_step
     from segdist.precision import Precision
 
     accelerator = make_accelerator(Precision("fp32", "fp32", "test"), ACCUM)
@@ -180,7 +180,7 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def reference_gradient(name: str, per_micro_batch_mean: bool = False) -> list[torch.Tensor]:
-    from segdist.evaluate import to_input
+    from segdist.preprocess import to_input
 
     classes, cfg = CONFIGS[name]
     model = small_model(classes)

@@ -74,7 +74,7 @@ def test_recipe_builds_and_takes_two_steps(path):
         masks = torch.randint(0, labels, (accum, 2, 32, 32), generator=g)
         masks[torch.rand(accum, 2, 32, 32, generator=g) < 0.1] = IGNORE
         denominators = loss_fn.denominators(sum(loss_fn.count(m) for m in masks), accum)
-        for x, m in zip(images, masks):  # as engine.train_step, with accelerate's division by accum
+        for x, m in zip(images, masks):  # as segdist.step.train_step, with accelerate's division by accum
             loss = loss_fn(model(to_input(x, "cpu")).float(), m, denominators) / accum
             assert torch.isfinite(loss)
             loss.backward()
@@ -124,7 +124,7 @@ def test_binary_recipe_trains_with_ema_and_counts_exactly(binary_root, tmp_path)
     metrics = json.loads((run / "metrics" / "step-12.json").read_text())
 
     from segdist.data.manifest import load_manifest
-    from segdist.data.stream import decode_sample, read_shard
+    from segdist.data.sample import decode_sample, read_shard
 
     r = load_recipe(ROOT / "recipes" / "ph2_unet.toml", overrides)
     model = build_model(r.model, 1)

@@ -40,7 +40,7 @@ def test_manifest_matches_shards(tmp_path):
 
 
 def test_label_out_of_range_names_sample(tmp_path):
-    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]])
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]], samples_per_shard=1000)
     mask = np.zeros((4, 4), np.uint8)
     mask[0, 0] = 7
     with pytest.raises(UserError, match="sample k1"):
@@ -100,7 +100,7 @@ def test_no_samples_is_a_user_error_and_changes_nothing(tmp_path):
     shard(["shapes", "--out", str(tmp_path), "--split", "s", "--count", "1", "--size", "16", "16"])
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(UserError, match="no samples"):
-        ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]]).close()
+        ShardWriter(tmp_path, "s", dataset="t", classes=["a"], palette=[[0, 0, 0]], samples_per_shard=1000).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -8,8 +8,8 @@ import torch
 from segdist.data.augment import build_augment
 from segdist.data.manifest import load_manifest
 from segdist.data.shards import ShardWriter, encode_png
-from segdist.data.stream import (CorruptSample, EvalStream, ShardError, TrainStream, eval_loader, read_shard,
-                                 train_loader)
+from segdist.data.sample import CorruptSample, ShardError, read_shard
+from segdist.data.stream import EvalStream, TrainStream, eval_loader, train_loader
 from segdist.errors import UserError
 
 
@@ -171,7 +171,7 @@ def test_skip_still_fails_when_nothing_decodes(tmp_path):
 
 
 def test_wrong_size_and_wrong_labels_fail_even_with_skip(tmp_path):
-    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0]] * 2)
+    w = ShardWriter(tmp_path, "s", dataset="t", classes=["a", "b"], palette=[[0, 0, 0]] * 2, samples_per_shard=1000)
     w.write("k0", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.zeros((8, 8), np.uint8))
     w.write("k1", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.ones((8, 8), np.uint8))
     w.write("wide2", encode_png(np.zeros((8, 8, 3), np.uint8)), "png", np.zeros((8, 9), np.uint8))

@@ -17,7 +17,7 @@ import argparse
 def build_parser() -> argparse.ArgumentParser:
     from segdist.bench import data, gpu, metric, scale, step
 
-    parser = argparse.ArgumentParser(prog="launch/bench.py", description="segdist benchmarks; each prints a table.")
+    parser = argparse.ArgumentParser(description="segdist benchmarks; each prints a table.")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for module in (data, metric, step, scale, gpu):
         module.add_parser(sub)

@@ -35,7 +35,8 @@ from segdist.data.augment import PRESETS, build_augment, seed_pipeline
 from segdist.data.convert import parallel_map
 from segdist.data.shapes import PALETTE, class_names, make_scene
 from segdist.data.shards import ShardWriter, encode_jpeg, encode_mask, encode_png
-from segdist.data.stream import TrainStream, decode_sample, read_shard, train_loader
+from segdist.data.sample import decode_sample, make_sample, read_shard
+from segdist.data.stream import TrainStream, train_loader
 from segdist.errors import UserError
 
 CLASSES = 8  # the most segdist.data.shapes draws
@@ -110,8 +111,8 @@ class FolderDataset(Dataset):
 
     def raw(self, i: int) -> dict:
         image = self.images[i]
-        return {"__key__": image.stem, "__url__": str(image), "image.png": image.read_bytes(),
-                "mask.png": image.with_name(f"{image.stem}_mask.png").read_bytes()}
+        return make_sample(image.stem, str(image), image.read_bytes(), "image.png",
+                           image.with_name(f"{image.stem}_mask.png").read_bytes())
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         _, image, mask = decode_sample(self.raw(i), CLASSES, 255)

@@ -88,8 +88,8 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from segdist.engine import train_step
-    from segdist.evaluate import to_input
+    from segdist.step import train_step
+    from segdist.preprocess import to_input
     from segdist.losses import build_loss
     from segdist.models import build_model, prepare_model
     from segdist.recipe import LossConfig

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from segdist.data.manifest import Manifest, ShardInfo, manifest_path, sha256_file
+from segdist.data.sample import MASK_KIND, META_KIND, label_counts, member_name
 from segdist.errors import UserError
 from segdist.fileio import atomic_write_json
 
@@ -48,15 +49,13 @@ def encode_mask(mask: np.ndarray, num_classes: int) -> bytes:
 
 def count_class_pixels(mask: np.ndarray, num_classes: int, ignore_index: int, key: str) -> np.ndarray:
     """Per-class pixel counts of a train-id mask; a value that is neither a class nor ignore is a UserError."""
-    counts = np.bincount(mask.ravel().astype(np.int64), minlength=max(num_classes, ignore_index + 1))
-    bad = np.flatnonzero(counts)
-    bad = bad[(bad >= num_classes) & (bad != ignore_index)]
-    if bad.size:
+    counts, bad = label_counts(mask.astype(np.int64, copy=False), num_classes, ignore_index)
+    if bad is not None:
         raise UserError(
-            f"sample {key}: mask holds label {int(bad[0])} but there are {num_classes} classes "
+            f"sample {key}: mask holds label {bad} but there are {num_classes} classes "
             f"(valid: 0..{num_classes - 1} or ignore {ignore_index}); fix the mask or the class list"
         )
-    return counts[:num_classes]
+    return counts
 
 
 class ShardWriter:
@@ -71,7 +70,7 @@ class ShardWriter:
         classes: list[str],
         palette: list[list[int]],
         ignore_index: int = 255,
-        samples_per_shard: int = 1000,
+        samples_per_shard: int,
         shard_size_mb: float | None = None,
         source: dict | None = None,
         options: dict | None = None,
@@ -106,9 +105,10 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.'")
         self._keys.add(key)
         self.class_pixels += count_class_pixels(mask, len(self.classes), self.ignore_index, key)
-        files = {f"{key}.image.{image_ext}": image, f"{key}.mask.png": encode_mask(mask, len(self.classes))}
+        files = {member_name(key, f"image.{image_ext}"): image,
+                 member_name(key, MASK_KIND): encode_mask(mask, len(self.classes))}
         if meta is not None:
-            files[f"{key}.meta.json"] = json.dumps(meta, sort_keys=True).encode()
+            files[member_name(key, META_KIND)] = json.dumps(meta, sort_keys=True).encode()
         if self._tar is None:
             self._open()
         for name, data in files.items():

@@ -12,6 +12,8 @@ a slot is augmented with a generator seeded by (seed, rank, worker, n). The stre
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
 produced, before decoding them.
 
+A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
+
 Corrupt data (`data.on_corrupt`): a shard that cannot be read to its end (truncated, a damaged tar
 header, a missing end-of-archive marker) raises `ShardError`; a sample whose bytes are missing or
 do not decode raises `CorruptSample`. Both name the shard and, where there is one, the sample key.
@@ -27,136 +29,21 @@ or a wrong class count: they always fail. Evaluation never skips: its totals mus
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
-from pathlib import Path
 from typing import Callable, Iterator
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
+from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
 
 log = logging.getLogger("segdist")
 
 ON_CORRUPT = ("fail", "skip")
-# cv2 decodes JPEG and PNG faster than PIL (BENCHMARKS.md) and straight into a writable RGB array.
-# EXIF orientation is ignored, as PIL does: the mask was drawn on the stored pixels, not on a turned view.
-_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-_CV2_FLAGS = (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
-
-
-class ShardError(UserError):
-    """A shard that cannot be read to its end; the samples before the damage were read."""
-
-    def __init__(self, path: str | Path, samples: int, reason: str) -> None:
-        self.path, self.samples, self.reason = str(path), samples, reason
-        super().__init__(
-            f"shard {path} is truncated or corrupt after {samples} samples ({reason}); "
-            "run launch/shard.py verify on its folder and re-convert, or set data.on_corrupt = \"skip\""
-        )
-
-
-class CorruptSample(UserError):
-    """A sample whose image or mask is missing or does not decode."""
-
-    def __init__(self, key: str, url: str | None, reason: str) -> None:
-        self.key, self.url, self.reason = key, url, reason
-        super().__init__(
-            f"sample {key} in {url} {reason}; run launch/shard.py verify --deep and re-convert, "
-            "or set data.on_corrupt = \"skip\""
-        )
-
-
-def read_shard(path: str | Path) -> Iterator[dict]:
-    """Raw samples of one tar shard in file order: `__key__`, `__url__` and the bytes of each
-    `<key>.<kind>` member under `<kind>`, grouped as WebDataset does (a key ends at the first dot of
-    the file name; consecutive members with one key are one sample).
-
-    A missing file is a `UserError`; a shard that breaks off is a `ShardError` once the complete
-    samples before the damage were yielded (the sample in progress is dropped). A file that ends
-    exactly between two members is caught too: our writer always ends a shard with tar's
-    end-of-archive marker, and `tarfile` alone would take its absence for a normal end.
-    """
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"shard {path} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
-    url, done, current = str(path), 0, None
-    with f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, name = member.name.rpartition("/")
-                key, _, kind = name.partition(".")
-                key = f"{folder}/{key}" if folder else key  # as WebDataset's base_plus_ext
-                data = tar.extractfile(member).read()
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield current
-                        done += 1
-                    current = {"__key__": key, "__url__": url}
-                current[kind.lower()] = data
-            f.seek(tar.offset)
-            end = f.read(2 * tarfile.BLOCKSIZE)
-            if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
-                # tarfile stops silently at a damaged header or at a cut between members.
-                raise tarfile.ReadError("no end-of-archive marker where the members end")
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise ShardError(path, done, str(exc) or type(exc).__name__) from None
-    if current is not None:
-        yield current
-
-
-def decode_image(data: bytes) -> np.ndarray | None:
-    """HxWx3 uint8 RGB pixels of encoded image bytes (PNG or JPEG), or None if they do not decode."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
-    if image is not None and _CV2_RGB is None:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
-
-
-def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[str, np.ndarray, np.ndarray]:
-    """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
-
-    Missing or undecodable bytes raise `CorruptSample`; a mask of another size than its image, or
-    with a value that is neither a class nor the ignore index, raises `UserError`. All name the key.
-    The label check is one `bincount` over the (8- or 16-bit) mask, a few ms at 2048x1024.
-    """
-    key, url = sample["__key__"], sample.get("__url__")
-    image_bytes = sample.get("image.png") or sample.get("image.jpg")
-    if image_bytes is None or "mask.png" not in sample:
-        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg) or a mask (mask.png)")
-    image = decode_image(image_bytes)
-    if image is None:
-        raise CorruptSample(key, url, "has an image that does not decode")
-    try:
-        mask = np.array(Image.open(io.BytesIO(sample["mask.png"])))  # writable, for torch
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
-        raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
-    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
-        raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
-    if image.shape[:2] != mask.shape:
-        raise UserError(f"sample {key} in {url}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
-    counts = np.bincount(mask.ravel(), minlength=num_classes)
-    labels = np.flatnonzero(counts[num_classes:]) + num_classes
-    labels = labels[labels != ignore_index]
-    if labels.size:
-        raise UserError(
-            f"sample {key} in {url}: mask label {int(labels[-1])} is not below "
-            f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
-        )
-    return key, image, mask
-
-
 def mask_tensor(mask: np.ndarray) -> torch.Tensor:
     """uint8 masks stay uint8 (the engine casts on the device); 16-bit ones become int32."""
     return torch.from_numpy(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
@@ -329,7 +216,7 @@ class EvalStream(IterableDataset):
             yield key, torch.from_numpy(image), mask_tensor(mask)
 
 
-def pad_collate(ignore_index: int, multiple: int = 32) -> Callable:
+def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
     """Batch samples of any size: pad images with 0 and masks with the ignore index up to a
     multiple of `multiple` (what encoders need), so padded pixels never count in metrics."""
 
@@ -337,7 +224,7 @@ def pad_collate(ignore_index: int, multiple: int = 32) -> Callable:
         keys, images, masks = zip(*items)
         h = max(m.shape[0] for m in masks)
         w = max(m.shape[1] for m in masks)
-        h, w = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        h, w = padded_size(h, w, multiple)
         image_batch = torch.zeros(len(items), h, w, 3, dtype=torch.uint8)
         mask_batch = torch.full((len(items), h, w), ignore_index, dtype=torch.int64)
         for i, (img, m) in enumerate(zip(images, masks)):

@@ -22,7 +22,6 @@ CONVERTERS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch/shard.py",
         description="Convert a dataset into WebDataset tar shards plus a manifest "
         "(<out>/<split>-NNNNNN.tar and <out>/<split>.json).",
     )

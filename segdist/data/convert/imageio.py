@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segdist.data.sample import to_uint8
 from segdist.data.shards import encode_jpeg, encode_png
 from segdist.errors import UserError
 
@@ -69,9 +70,7 @@ def _png_is_rgb8(data: bytes) -> bool:
 def to_rgb(img: Image.Image, path: Path) -> np.ndarray:
     """8-bit RGB array of any PIL image (gray, palette, RGBA, CMYK, 16-bit); `path` names it in errors."""
     if img.mode in _SIXTEEN_BIT:
-        # 16-bit gray: scale the full 0..65535 range to 0..255 with rounding (PIL would clip).
-        arr = np.asarray(img).astype(np.uint32)
-        gray = ((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        gray = to_uint8(np.asarray(img))  # 16-bit gray
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode not in _DIRECT_TO_RGB:
         raise UserError(f"image {path} has pixel mode {img.mode!r}, which cannot be converted to RGB: convert it to PNG/JPEG first")

@@ -24,10 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from segdist.data.manifest import FORMAT, Manifest, load_manifest, manifest_path, sha256_file
+from segdist.data.sample import IMAGE_KINDS, MASK_KIND, META_KIND, label_counts, read_members, split_member
 from segdist.errors import UserError
-
-_MEMBER = re.compile(r"^((?:.*/)?[^./]+)\.(.+)$")  # webdataset's rule: the key ends at the first '.'
-_IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG"}
 
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
@@ -76,21 +74,20 @@ def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {kind: bytes}) per sample of a shard, as WebDataset groups consecutive members."""
     key, files, seen = None, {}, set()
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                m = _MEMBER.match(member.name)
-                if not member.isfile() or m is None:
-                    raise UserError(f"shard {path}: member {member.name!r} is not a <key>.<kind> file")
-                if m.group(1) != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = m.group(1), {}
-                    if key in seen:
-                        raise UserError(f"shard {path}: sample {key} is split into non-adjacent parts")
-                    seen.add(key)
-                if m.group(2) in files:
-                    raise UserError(f"shard {path}: sample {key} has two {m.group(2)} files")
-                files[m.group(2)] = tar.extractfile(member).read()
+        for member, data in read_members(path):
+            parts = split_member(member.name) if data is not None else None
+            if parts is None:
+                raise UserError(f"shard {path}: member {member.name!r} is not a <key>.<kind> file")
+            if parts[0] != key:
+                if key is not None:
+                    yield key, files
+                key, files = parts[0], {}
+                if key in seen:
+                    raise UserError(f"shard {path}: sample {key} is split into non-adjacent parts")
+                seen.add(key)
+            if parts[1] in files:
+                raise UserError(f"shard {path}: sample {key} has two {parts[1]} files")
+            files[parts[1]] = data
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UserError(f"shard {path} is not a readable tar ({exc}): re-run the conversion") from None
     if key is not None:
@@ -109,30 +106,27 @@ def _decode(data: bytes, where: str, what: str) -> Image.Image:
 def check_sample(path: Path, key: str, files: dict[str, bytes], manifest: Manifest) -> np.ndarray:
     """Decode one sample and return its per-class pixel counts."""
     where = f"shard {path} sample {key}"
-    kinds = [k for k in files if k in _IMAGE_KINDS]
-    if len(kinds) != 1 or "mask.png" not in files:
+    kinds = [k for k in files if k in IMAGE_KINDS]
+    if len(kinds) != 1 or MASK_KIND not in files:
         raise UserError(f"{where}: needs one image.png or image.jpg and a mask.png, has {sorted(files)}")
     image = _decode(files[kinds[0]], where, kinds[0])
-    if image.format != _IMAGE_KINDS[kinds[0]] or image.mode != "RGB":
-        raise UserError(f"{where}: {kinds[0]} is a {image.format} {image.mode} image, expected {_IMAGE_KINDS[kinds[0]]} RGB")
-    mask_img = _decode(files["mask.png"], where, "mask.png")
+    if image.format != IMAGE_KINDS[kinds[0]] or image.mode != "RGB":
+        raise UserError(f"{where}: {kinds[0]} is a {image.format} {image.mode} image, expected {IMAGE_KINDS[kinds[0]]} RGB")
+    mask_img = _decode(files[MASK_KIND], where, "mask.png")
     if mask_img.format != "PNG" or mask_img.mode not in ("L", "I;16", "I"):
         raise UserError(f"{where}: mask.png is {mask_img.format} mode {mask_img.mode}, expected an 8/16-bit gray PNG")
     if mask_img.size != image.size:
         raise UserError(f"{where}: mask is {mask_img.size[0]}x{mask_img.size[1]} but image is {image.size[0]}x{image.size[1]}")
-    mask = np.asarray(mask_img).astype(np.int64)
     n, ignore = manifest.num_classes, manifest.ignore_index
-    counts = np.bincount(mask.ravel(), minlength=max(n, ignore + 1))
-    bad = np.flatnonzero(counts)
-    bad = bad[(bad >= n) & (bad != ignore)]
-    if bad.size:
-        raise UserError(f"{where}: mask holds {int(bad[0])}, but there are {n} classes and ignore is {ignore}")
-    if "meta.json" in files:
+    counts, bad = label_counts(np.asarray(mask_img).astype(np.int64), n, ignore)
+    if bad is not None:
+        raise UserError(f"{where}: mask holds {bad}, but there are {n} classes and ignore is {ignore}")
+    if META_KIND in files:
         try:
-            json.loads(files["meta.json"])
+            json.loads(files[META_KIND])
         except ValueError as exc:
             raise UserError(f"{where}: meta.json is not JSON ({exc})") from None
-    return counts[:n]
+    return counts
 
 
 def deep_check(manifest: Manifest, bar: tqdm) -> None:

@@ -1,0 +1,29 @@
+"""Benchmarks:  python launch/bench.py {data,metric,step,scale,gpu} [...]   (--help on each)
+
+`data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
+folder of files, JPEG- vs PNG-stored shards. `metric` times the confusion-matrix update against
+seed notebook 002's numpy loop and torchmetrics. `step` times segdist's train step against a bare
+PyTorch (DDP) loop at 1 and 2 processes. `scale` compares training samples/s at 1 and 2
+processes on the real training path. `gpu` runs the CUDA checks. See BENCHMARKS.md. Each
+benchmark is a module of the segdist.bench package; this script only parses and calls it.
+"""
+
+from __future__ import annotations
+
+from segdist.errors import run_cli
+
+
+def main(argv=None) -> int:
+    from segdist.bench import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def run() -> None:
+    """The `segdist-bench` console script (and `launch/bench.py`)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":  # accelerate launch -m segdist.cli.bench ...
+    run()

@@ -1,0 +1,44 @@
+"""Evaluate a checkpoint exactly:  accelerate launch [...] launch/eval.py RECIPE --checkpoint PATH [--split NAME] [--out FILE.json]
+
+Every sample of the split is counted exactly once across all processes; the mIoU equals a single
+process's bit for bit, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from segdist.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Exact distributed evaluation: per-rank int64 confusion matrices, one all-reduce; "
+        "prints the per-class table and mIoU, and writes the metrics JSON with --out.",
+    )
+    p.add_argument("recipe", help="the recipe the checkpoint was trained with (or the run's recipe.toml)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best checkpoint, else the latest) or one checkpoints/step-N folder")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the recipe's data.val_split)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the metrics JSON here (atomically)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.root=/data/shards (repeatable)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from segdist.evaluate import evaluate_checkpoint
+    from segdist.recipe import load_recipe
+
+    evaluate_checkpoint(load_recipe(args.recipe, args.overrides), args.checkpoint, args.split, args.out)
+    return 0
+
+
+def run() -> None:
+    """The `segdist-eval` console script (and `launch/eval.py`)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":  # accelerate launch -m segdist.cli.eval ...
+    run()

@@ -1,0 +1,199 @@
+"""One shard sample, in one place: the names of its members, reading them from a shard's tar,
+decoding the image and the mask, the label check, padding, and 8/16-bit handling.
+
+A sample `<key>` of a shard is the tar members `<key>.image.png` or `<key>.image.jpg` (RGB),
+`<key>.mask.png` (8-bit, or 16-bit beyond 255 classes) and optionally `<key>.meta.json`; a key
+ends at the first dot of the file name (WebDataset's rule), and a sample's members are adjacent.
+The writer (segdist.data.shards), the training and eval streams (segdist.data.stream), `verify`,
+the benches, prediction and the TensorBoard strips all go through this module.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from segdist.errors import UserError
+
+IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG"}
+"""Image members by kind, with the format PIL must find in them."""
+MASK_KIND = "mask.png"
+META_KIND = "meta.json"
+PAD_MULTIPLE = 32
+"""Batches and single images are padded to a multiple of this (what smp encoders need): images with
+0 (black), masks with the ignore index, so padded pixels never count."""
+
+# cv2 decodes JPEG and PNG faster than PIL (BENCHMARKS.md) and straight into a writable RGB array.
+# EXIF orientation is ignored, as PIL does: the mask was drawn on the stored pixels, not on a turned view.
+_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_CV2_FLAGS = (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+class ShardError(UserError):
+    """A shard that cannot be read to its end; the samples before the damage were read."""
+
+    def __init__(self, path: str | Path, samples: int | None = None, reason: str | None = None) -> None:
+        if reason is None:  # rebuilt from its message alone (a DataLoader worker's, by torch): keep its type
+            self.path = self.samples = self.reason = None
+            super().__init__(path)
+            return
+        self.path, self.samples, self.reason = str(path), samples, reason
+        super().__init__(
+            f"shard {path} is truncated or corrupt after {samples} samples ({reason}); "
+            "run launch/shard.py verify on its folder and re-convert, or set data.on_corrupt = \"skip\""
+        )
+
+
+class CorruptSample(UserError):
+    """A sample whose image or mask is missing or does not decode."""
+
+    def __init__(self, key: str, url: str | None = None, reason: str | None = None) -> None:
+        if reason is None:  # rebuilt from its message alone, as ShardError
+            self.key = self.url = self.reason = None
+            super().__init__(key)
+            return
+        self.key, self.url, self.reason = key, url, reason
+        super().__init__(
+            f"sample {key} in {url} {reason}; run launch/shard.py verify --deep and re-convert, "
+            "or set data.on_corrupt = \"skip\""
+        )
+
+
+# -- member names -------------------------------------------------------------------------------
+def member_name(key: str, kind: str) -> str:
+    return f"{key}.{kind}"
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, kind) of a member name, as WebDataset's base_plus_ext splits it (the key ends at the
+    first dot of the file name, and keeps its folder); None when there is no kind."""
+    folder, _, file = name.rpartition("/")
+    key, dot, kind = file.partition(".")
+    if not key or not dot or not kind:
+        return None
+    return (f"{folder}/{key}" if folder else key), kind.lower()
+
+
+# -- reading a shard ----------------------------------------------------------------------------
+def read_members(path: str | Path) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """Every member of a shard's tar in file order, with its bytes (None for a non-file member).
+
+    A missing file is a `UserError`. A damaged tar raises `tarfile.TarError` (or EOFError/OSError)
+    once the members before the damage were yielded. A file that ends exactly between two members
+    is caught too: our writer always ends a shard with tar's end-of-archive marker, and `tarfile`
+    alone would take its absence for a normal end.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"shard {path} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
+    with f:
+        tar = tarfile.open(fileobj=f, mode="r:")
+        for member in tar:
+            yield member, (tar.extractfile(member).read() if member.isfile() else None)
+        f.seek(tar.offset)
+        end = f.read(2 * tarfile.BLOCKSIZE)
+        if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+            # tarfile stops silently at a damaged header or at a cut between members.
+            raise tarfile.ReadError("no end-of-archive marker where the members end")
+
+
+def read_shard(path: str | Path) -> Iterator[dict]:
+    """Raw samples of one shard in file order: `__key__`, `__url__` and the bytes of each member
+    under its kind (non-file members are passed over). A shard that breaks off is a `ShardError`
+    once the complete samples before the damage were yielded (the sample in progress is dropped)."""
+    url, done, current = str(path), 0, None
+    try:
+        for member, data in read_members(path):
+            parts = split_member(member.name) if data is not None else None
+            if parts is None:
+                continue
+            key, kind = parts
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                    done += 1
+                current = {"__key__": key, "__url__": url}
+            current[kind] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ShardError(path, done, str(exc) or type(exc).__name__) from None
+    if current is not None:
+        yield current
+
+
+def make_sample(key: str, url: str, image: bytes, image_kind: str, mask: bytes) -> dict:
+    """A raw sample as `read_shard` yields it, from bytes found elsewhere (a folder of files)."""
+    return {"__key__": key, "__url__": url, image_kind: image, MASK_KIND: mask}
+
+
+# -- decoding and the label check ---------------------------------------------------------------
+def decode_image(data: bytes) -> np.ndarray | None:
+    """HxWx3 uint8 RGB pixels of encoded image bytes (PNG or JPEG), or None if they do not decode."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+    if image is not None and _CV2_RGB is None:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def label_counts(mask: np.ndarray, num_classes: int, ignore_index: int) -> tuple[np.ndarray, int | None]:
+    """(pixels per class, the smallest label that is neither a class nor the ignore index, or None):
+    the one label check, a single `bincount` (a few ms at 2048x1024)."""
+    counts = np.bincount(mask.ravel(), minlength=max(num_classes, ignore_index + 1))
+    bad = np.flatnonzero(counts)
+    bad = bad[(bad >= num_classes) & (bad != ignore_index)]
+    return counts[:num_classes], (int(bad[0]) if bad.size else None)
+
+
+def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
+
+    Missing or undecodable bytes raise `CorruptSample`; a mask of another size than its image, or
+    with a value that is neither a class nor the ignore index, raises `UserError`. All name the key.
+    """
+    key, url = sample["__key__"], sample.get("__url__")
+    image_bytes = next((sample[kind] for kind in IMAGE_KINDS if kind in sample), None)
+    if image_bytes is None or MASK_KIND not in sample:
+        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg) or a mask (mask.png)")
+    image = decode_image(image_bytes)
+    if image is None:
+        raise CorruptSample(key, url, "has an image that does not decode")
+    try:
+        mask = np.array(Image.open(io.BytesIO(sample[MASK_KIND])))  # writable, for torch
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
+        raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
+    if image.shape[:2] != mask.shape:
+        raise UserError(f"sample {key} in {url}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
+    _, bad = label_counts(mask, num_classes, ignore_index)
+    if bad is not None:
+        raise UserError(
+            f"sample {key} in {url}: mask label {bad} is not below "
+            f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
+        )
+    return key, image, mask
+
+
+# -- padding and bit depth ----------------------------------------------------------------------
+def padded_size(height: int, width: int, multiple: int = PAD_MULTIPLE) -> tuple[int, int]:
+    """The size a batch of this size is padded to."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def pad_image(image: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """HxWx3 image padded with black at the bottom and right to a multiple of `multiple`."""
+    h, w = image.shape[:2]
+    out = np.zeros((*padded_size(h, w, multiple), *image.shape[2:]), dtype=image.dtype)
+    out[:h, :w] = image
+    return out
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit pixel values scaled to 8 bits over the full 0..65535 range, rounded (PIL would clip)."""
+    return ((np.clip(values.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)

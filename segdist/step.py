@@ -1,0 +1,125 @@
+"""One optimizer step of training, with one collective and one host sync (`train_step`).
+
+The step's loss is normalised exactly over the effective batch (segdist.losses); the valid-pixel
+counts of the NEXT window, the non-finite flags and the stop flag travel in one packed float64
+all-reduce; a step whose loss or gradient is not finite on any rank is skipped on every rank and
+leaves no trace (BatchNorm statistics put back); under fp16 the GradScaler's overflow is told apart
+from a bad step. What the loop does with the outcome is segdist.trainer's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from segdist.preprocess import to_input
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did; every flag was summed over the ranks by the step's one collective."""
+
+    loss: torch.Tensor
+    """This rank's mean micro-batch loss, left on the device (read at log steps only)."""
+    applied: bool
+    bad: bool
+    """Some rank's loss, or (without loss scaling) the gradient, was not finite: update skipped on every rank."""
+    overflow: bool
+    """fp16: the scaled gradient overflowed; the GradScaler skipped the update and lowered its scale."""
+    stopping: bool
+    """Some rank received a stop signal: every rank stops after this step."""
+    next_window: list | None
+    next_counts: list[float] | None
+    """The loss counts of `next_window`, summed over ranks (what the next step divides by)."""
+    data_wait: float
+    """Seconds this rank waited for `next_window`."""
+
+
+def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per loss term, the (class-weighted) valid-pixel count of a window's masks (float64, on their device)."""
+    return torch.stack([loss_fn.count(m) for m in masks]).sum(0)
+
+
+def backward(loss: torch.Tensor, accelerator, scaler) -> None:
+    """What `accelerator.backward` does for DDP, with the loss scaler explicit (so a real
+    GradScaler can drive it anywhere): each micro-batch's loss / accumulation steps."""
+    loss = loss / accelerator.gradient_accumulation_steps
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def grad_norm(model, clip: float) -> torch.Tensor:
+    """The global gradient norm (left on the device), clipping to `clip` when > 0, as
+    `accelerator.clip_grad_norm_` computes it for DDP (which would unscale a second time under fp16)."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = get_total_norm([p.grad for p in params])
+    if clip > 0:
+        clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, scaler=None,
+               counts: list[float] | None = None, stop_requested: bool = False, fetch_next=None) -> StepOutcome:
+    """One optimizer step over `len(window)` micro-batches, with ONE collective and ONE host sync.
+
+    ce/bce terms are normalised by their (class-weighted) count of valid pixels over the whole
+    effective batch (all micro-batches, all ranks: segdist.losses). Those counts must be known
+    before the forward, so each step's collective carries the counts of the NEXT window (drawn
+    with `fetch_next` while this step's kernels run) together with this step's flags: loss not
+    finite, gradient not finite, stop requested. `counts` are this window's (from the step before);
+    None (a first or standalone step) reduces them here, in a collective of their own.
+    """
+    device = accelerator.device
+    masks = [m.to(device, non_blocking=True).long() for _, m in window]
+    if counts is None:
+        counts = accelerator.reduce(window_counts(loss_fn, masks), reduction="sum").tolist()
+    denominators = loss_fn.denominators(counts, accelerator.num_processes * len(window))
+    # A step that turns out non-finite must leave no trace: its forward passes also moved the
+    # norm layers' running statistics (small: a few numbers per channel), so keep them to put back.
+    kept = [b.detach().clone() for b in model.buffers()]
+    total = torch.zeros((), device=device)
+    for (images, _), target in zip(window, masks):
+        # accumulate(): no gradient all-reduce until the window's last micro-batch.
+        with accelerator.accumulate(model):
+            logits = model(to_input(images, device))
+            loss = loss_fn(logits.float(), target, denominators)
+            backward(loss, accelerator, scaler)
+        total += loss.detach()
+    # On a GPU the kernels above are still running: fetch the next window meanwhile.
+    tick = time.perf_counter()
+    next_window = fetch_next() if fetch_next is not None else None
+    next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
+    data_wait = time.perf_counter() - tick
+    if scaler is not None:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))  # clip and check the true gradient
+    # The last backward all-reduced the gradients, so their norm is the same on every rank.
+    norm = grad_norm(model, clip)
+    n_terms = len(counts)
+    next_local = (window_counts(loss_fn, next_masks) if next_masks
+                  else torch.zeros(n_terms, dtype=torch.float64, device=device))
+    flags = torch.stack([~torch.isfinite(total), ~torch.isfinite(norm),
+                         torch.tensor(stop_requested, device=device)]).to(torch.float64)
+    # THE collective of the step, and its one host sync (float64 sums of whole numbers and weights).
+    summed = accelerator.reduce(torch.cat([next_local, flags]), reduction="sum").tolist()
+    loss_bad, grad_bad, stopping = (v > 0 for v in summed[n_terms:])
+    # Skip the update on all ranks or on none, else the replicas' weights drift apart. Under fp16 a
+    # non-finite gradient with a finite loss is the scaler's overflow, not a bad step.
+    bad = loss_bad or (grad_bad and scaler is None)
+    overflow = grad_bad and not bad
+    if bad:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), kept):
+                buffer.copy_(saved)
+    elif not overflow:
+        # Applies: sync_gradients is set after the window's last micro-batch. With a scaler the
+        # gradients are unscaled and known finite, so step the optimizer itself: GradScaler.step
+        # would read its inf flag back to the host, a second sync.
+        (getattr(optimizer, "optimizer", optimizer) if scaler is not None else optimizer).step()
+    if scaler is not None:
+        scaler.update()  # grows the scale, or lowers it after an overflow; one update per unscale_
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(total / len(window), not bad and not overflow, bad, overflow, stopping,
+                       next_window, summed[:n_terms] if next_window else None, data_wait)

@@ -1,0 +1,344 @@
+"""The training loop: a `Trainer` holds every piece of a run and its typed `TrainState`.
+
+Every stateful piece (model, optimizer, schedule, EMA, GradScaler, the trainer's own counters) is
+registered once in `Trainer.pieces`, a name mapped to an object with `state_dict` /
+`load_state_dict`; `segdist.checkpoint` saves that registry as one atomic checkpoint and restores
+it by name. A new piece of training state is one more entry there.
+
+Ordering rules that a resume's exactness depends on are the code's structure, not comments:
+- `_start_data` makes the loader's iterator and only then restores the checkpoint's RNG state
+  (iterating a DataLoader draws from it), and it is the last thing the constructor does;
+- `evaluate` goes through segdist.evaluate.evaluate, which gives every rank rank 0's BatchNorm
+  statistics before it counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, restore, save_checkpoint, set_rng_state
+from segdist.data.manifest import Manifest
+from segdist.data.sample import decode_sample, pad_image, read_shard
+from segdist.data.stream import TrainStream, train_loader
+from segdist.errors import TrainingDiverged
+from segdist.evaluate import evaluate
+from segdist.fileio import atomic_write_json, atomic_write_text
+from segdist.metrics import format_table
+from segdist.preprocess import labels_from_logits, to_input
+from segdist.recipe import Recipe, dumps_toml
+from segdist.step import StepOutcome, train_step
+from segdist.tblog import TensorBoard
+
+log = logging.getLogger("segdist")
+
+LAYOUT_KEYS = ("world_size", "num_workers", "precision", "precision_reason")
+
+
+@dataclass
+class TrainState:
+    """The trainer's own counters, saved in each checkpoint's state.json."""
+
+    step: int = 0
+    best_miou: float = -1.0
+    bad_steps: int = 0
+    """Steps skipped because the loss or the gradient was not finite (without loss scaling)."""
+    bad_in_a_row: int = 0
+    overflow_steps: int = 0
+    """fp16 steps the GradScaler skipped for an overflow (not bad steps)."""
+    overflow_in_a_row: int = 0
+    layout: dict = field(default_factory=dict)
+    """World size, loader workers and precision: of this run once it started, of the saved run
+    right after a load (a resume on another layout continues, but not bit-identically)."""
+
+    def state_dict(self) -> dict:
+        counters = {k: getattr(self, k) for k in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps",
+                                                  "overflow_in_a_row")}
+        return {**counters, **self.layout}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for name in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps", "overflow_in_a_row"):
+            setattr(self, name, type(getattr(self, name))(saved.get(name, getattr(self, name))))
+        self.layout = {k: saved.get(k) for k in LAYOUT_KEYS}
+
+    def record(self, out: StepOutcome, step: int, max_bad_steps: int) -> None:
+        """Count skipped steps: a bad one (non-finite loss, or gradient without loss scaling) and an
+        fp16 overflow (the GradScaler's own skip, which lowers the scale) are counted apart; an
+        applied step ends both runs. `train.max_bad_steps` in a row of either ends the training."""
+        if out.applied:
+            self.bad_in_a_row = self.overflow_in_a_row = 0
+        elif out.bad:
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit train.max_bad_steps "
+                        "= %d)", step, self.bad_in_a_row, max_bad_steps)
+        else:
+            self.overflow_steps += 1
+            self.overflow_in_a_row += 1
+            if self.overflow_in_a_row > 1:
+                log.warning("step %d: fp16 gradient overflow, update skipped and loss scale lowered (%d in a row, "
+                            "limit train.max_bad_steps = %d)", step, self.overflow_in_a_row, max_bad_steps)
+
+    def diverged(self, max_bad_steps: int) -> bool:
+        """The same on every rank: the flags were summed over ranks by each step's collective."""
+        return max(self.bad_in_a_row, self.overflow_in_a_row) >= max_bad_steps
+
+    def diverged_error(self, step: int, max_bad_steps: int) -> TrainingDiverged:
+        if self.bad_in_a_row >= max_bad_steps:
+            n, what = self.bad_in_a_row, "had a non-finite loss or gradient"
+        else:
+            n, what = self.overflow_in_a_row, "overflowed in fp16 although the GradScaler kept lowering the loss scale"
+        return TrainingDiverged(
+            f"training diverged: steps {step - n + 1}-{step} all {what} (train.max_bad_steps = {max_bad_steps}); their "
+            f"updates were skipped, so checkpoint step-{step} holds the weights of step {step - n}; lower optim.lr"
+            + (" (or use train.precision = \"bf16\" or \"fp32\")" if what.startswith("overflowed") else "")
+            + " and resume with --resume"
+        )
+
+
+class Trainer:
+    """One run's pieces, prepared for the accelerator, and the loop over them."""
+
+    def __init__(self, r: Recipe, setup, parts, accelerator, stop, meter) -> None:
+        """`setup` and `parts` are segdist.engine's Setup and Parts (checked and built before the
+        process group formed); `stop` the run's StopSignal, `meter` its StepMeter."""
+        self.r, self.setup, self.accelerator, self.stop, self.meter = r, setup, accelerator, stop, meter
+        self.state: TrainState = parts.state
+        self.precision = setup.precision
+        if setup.resume_from is not None:
+            log.info("resumed from %s at step %d", setup.resume_from, self.state.step)
+            self._warn_if_layout_changed()
+        self.state.layout = {"world_size": accelerator.num_processes, "num_workers": r.data.num_workers,
+                             "precision": self.precision.name, "precision_reason": self.precision.reason}
+        _check_ranks_agree(accelerator, self.state.step)
+        # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
+        self.model, self.optimizer = accelerator.prepare(parts.model, parts.optimizer)
+        self.scheduler, self.loss_fn, self.ema, self.transform = parts.scheduler, parts.loss_fn, parts.ema, parts.transform
+        self.scaler = accelerator.scaler  # Accelerate's GradScaler under fp16, else None
+        self.pieces = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                       "trainer": self.state}
+        if self.ema is not None:
+            self.pieces["ema"] = self.ema
+        if self.scaler is not None:
+            self.pieces["scaler"] = self.scaler
+            if setup.resume_from is not None:  # the other pieces were restored before the group formed
+                restore(setup.resume_from, {"scaler": self.scaler})
+        self.run_dir = Path(r.train.run_dir)
+        self.recipe_toml = dumps_toml(r)
+        if accelerator.is_main_process:
+            atomic_write_text(self.run_dir / "recipe.toml", self.recipe_toml)
+        step = self.state.step
+        self.tb = TensorBoard(self.run_dir, accelerator.is_main_process, purge_step=step + 1 if step else None)
+        self._log_start()
+        self.shown = fixed_samples(setup.val_manifest, r.log.images) if accelerator.is_main_process else []
+        self.batches = self._start_data()  # last: see the module's docstring
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict | None:
+        """Optimizer steps up to train.steps, evaluations and checkpoints at fixed steps. A stop
+        signal ends it after a step all ranks agree on, with a checkpoint; so do
+        `train.max_bad_steps` consecutive non-finite steps (or fp16 overflows), which then raise
+        TrainingDiverged. Returns the final val metrics, or None when stopped early."""
+        r, state = self.r, self.state
+        # A progress bar on a terminal; in a log file (SLURM) log_train writes a line instead.
+        bar = tqdm(total=r.train.steps, initial=state.step, desc="train", dynamic_ncols=True,
+                   disable=None if self.accelerator.is_main_process else True)
+        window, counts = self._draw(), None  # the first step reduces its own counts; then each carries the next's
+        losses, metrics = [], None
+        try:
+            for step in range(state.step + 1, r.train.steps + 1):
+                out = self.step(window, counts, last=step == r.train.steps)
+                window, counts = out.next_window, out.next_counts
+                state.step = step
+                bar.update()
+                if not out.bad:
+                    losses.append(out.loss)
+                if step % r.log.every == 0 or step == r.train.steps:
+                    self.log_train(bar, losses)
+                    losses = []
+                due = (r.train.eval_every and step % r.train.eval_every == 0) or step == r.train.steps
+                metrics = self.evaluate(step) if due else None
+                diverged = state.diverged(r.train.max_bad_steps)
+                if metrics is not None or step % r.train.ckpt_every == 0 or diverged or out.stopping:
+                    self.checkpoint(step, metrics, force=diverged or out.stopping)
+                    self.meter.restart()  # throughput counts training only
+                if diverged:
+                    raise state.diverged_error(step, r.train.max_bad_steps)
+                if out.stopping:
+                    log.warning("stopping after step %d on %s", step, self.stop.describe())
+                    break
+        finally:
+            bar.close()
+            self.tb.close()
+        return self._finish(metrics)
+
+    def step(self, window: list, counts: list[float] | None, last: bool) -> StepOutcome:
+        """One optimizer step (segdist.step.train_step), the schedule's step, telemetry, counters."""
+        r = self.r
+        out = train_step(self.model, self.optimizer, self.loss_fn, window, self.accelerator, r.train.clip_grad_norm,
+                         scaler=self.scaler, counts=counts, stop_requested=self.stop.received is not None,
+                         fetch_next=None if last else self._draw)
+        self.scheduler.step()  # once per optimizer step, applied or skipped: the LR follows the step count
+        self.meter.waited(out.data_wait)
+        self.meter.stepped(sum(len(m) for _, m in window), sum(m.numel() for _, m in window))
+        self.state.record(out, self.state.step + 1, r.train.max_bad_steps)
+        return out
+
+    def evaluate(self, step: int) -> dict:
+        """Exact val metrics; with an EMA the averaged weights are the ones evaluated, drawn and
+        ranked for `best`."""
+        model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        manifest = self.setup.val_manifest
+        metrics = evaluate(model, manifest, self.accelerator, self.r.eval.batch_size, self.r.eval.num_workers)
+        log_eval(self.tb, metrics, manifest, step)
+        draw_samples(self.tb, model, self.shown, manifest, self.accelerator, step)
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.run_dir / "metrics" / f"step-{step}.json", metrics)
+        return metrics
+
+    def checkpoint(self, step: int, metrics: dict | None, force: bool = False) -> None:
+        """`step-N` every ckpt_every steps, at the end and when forced (a stop, a divergence);
+        `best` whenever val mIoU improves."""
+        r, accelerator = self.r, self.accelerator
+        is_best = metrics is not None and metrics["miou"] > self.state.best_miou
+        if is_best:
+            self.state.best_miou = metrics["miou"]
+        if force or step % r.train.ckpt_every == 0 or step == r.train.steps:
+            path = save_checkpoint(accelerator, self.run_dir, f"step-{step}", self.pieces, self.recipe_toml)
+            if accelerator.is_main_process:
+                if is_best:
+                    publish_copy(path, "best")
+                prune_checkpoints(self.run_dir, r.train.keep_last)  # only now that the new one is complete
+            accelerator.wait_for_everyone()
+        elif is_best:
+            save_checkpoint(accelerator, self.run_dir, "best", self.pieces, self.recipe_toml)
+
+    # -- the pieces of the loop --------------------------------------------------------------------
+    def _draw(self) -> list:
+        return [next(self.batches) for _ in range(self.r.train.grad_accum)]
+
+    def _start_data(self):
+        """The training batches from the step reached, then the RNG state of the checkpoint: the one
+        the uninterrupted run had right after it (dropout and drop-path draw from it), restored after
+        making the loader's iterator, which draws from it too."""
+        r, setup, accelerator = self.r, self.setup, self.accelerator
+        manifest = setup.train_manifest
+        stream = TrainStream(
+            manifest.shard_paths(), rank=accelerator.process_index, world=accelerator.num_processes,
+            seed=r.train.seed, transform=self.transform, num_classes=manifest.num_classes,
+            ignore_index=manifest.ignore_index, shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
+            start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
+        )
+        batches = iter(train_loader(stream, r.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
+        rng = load_rng_state(setup.resume_from, accelerator.process_index) if setup.resume_from else None
+        if rng is not None:
+            set_rng_state(rng)
+        return batches
+
+    def _finish(self, metrics: dict | None) -> dict | None:
+        r, accelerator, step = self.r, self.accelerator, self.state.step
+        if step < r.train.steps:
+            if accelerator.is_main_process:
+                print(f"stopped after step {step} of {r.train.steps} on {self.stop.describe()}: checkpoint "
+                      f"step-{step} saved in {self.run_dir}/checkpoints; continue with --resume auto", flush=True)
+            return None
+        if accelerator.is_main_process:
+            print(format_table(metrics, self.setup.val_manifest.classes), flush=True)
+            print(f"final val mIoU {metrics['miou']:.4f} on {metrics['num_samples']} samples "
+                  f"({accelerator.num_processes} processes)", flush=True)
+        return metrics
+
+    def _log_start(self) -> None:
+        r, accelerator, precision = self.r, self.accelerator, self.precision
+        world = accelerator.num_processes
+        effective = r.data.batch_size * r.train.grad_accum * world
+        log.info("world size %d, effective batch %d = %d per process x %d accumulation x %d processes; device %s",
+                 world, effective, r.data.batch_size, r.train.grad_accum, world, accelerator.device)
+        log.info("precision %s (%s)", precision.name, precision.reason)
+        if precision.warning and accelerator.is_main_process:
+            log.warning("%s", precision.warning)
+        self.tb.text("run/precision", f"{precision.name}: {precision.reason}", self.state.step)
+
+    def log_train(self, bar, losses: list) -> None:
+        tb, state, accelerator, r, scaler = self.tb, self.state, self.accelerator, self.r, self.scaler
+        perf = self.meter.summary()
+        step, lr = state.step, self.scheduler.get_last_lr()[0]
+        # The same on every rank (the bad flag is agreed), so this small all-reduce is matched on
+        # every rank; the only collective and host sync besides the step's own, and only at log steps.
+        mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item() if losses else None
+        if mean_loss is not None:
+            tb.scalar("train/loss", mean_loss, step)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ms=f"{perf['step_time_ms']:.0f}")
+        tb.scalar("train/lr", lr, step)
+        tb.scalar("train/bad_steps", state.bad_steps, step)
+        if scaler is not None:
+            tb.scalar("train/overflow_steps", state.overflow_steps, step)
+            tb.scalar("train/loss_scale", scaler.get_scale(), step)
+        for key, value in perf.items():
+            tb.scalar(f"perf/{key}", value, step)
+        if bar.disable:
+            mfu = f", MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
+            log.info("step %d/%d: loss %s, lr %.2e, %.0f ms/step, data wait %.0f%%, %.1f samples/s, %.2f Mpx/s, "
+                     "peak mem %.0f MiB%s%s", step, r.train.steps,
+                     f"{mean_loss:.4f}" if mean_loss is not None else "-", lr, perf["step_time_ms"],
+                     100 * perf["data_wait_share"], perf["samples_per_s"], perf["pixels_per_s"] / 1e6,
+                     perf["peak_memory_mb"], mfu, f", {state.bad_steps} skipped steps" if state.bad_steps else "")
+
+    def _warn_if_layout_changed(self) -> None:
+        saved, accelerator, r, precision = self.state.layout, self.accelerator, self.r, self.precision
+        if saved.get("precision") not in (None, precision.name):
+            log.warning("resuming in %s (%s); the checkpoint was trained in %s: training continues, but not "
+                        "bit-identical to an uninterrupted run", precision.name, precision.reason, saved["precision"])
+        if saved.get("world_size") != accelerator.num_processes or saved.get("num_workers") != r.data.num_workers:
+            log.warning(
+                "resuming with %d processes x %d workers (checkpoint: %s x %s): training continues, but the "
+                "data order differs from an uninterrupted run", accelerator.num_processes, r.data.num_workers,
+                saved.get("world_size"), saved.get("num_workers"),
+            )
+
+
+def _check_ranks_agree(accelerator, step: int) -> None:
+    """Every rank picked its checkpoint on its own (before the group formed): make sure they agree,
+    e.g. on a network filesystem that showed a just-written checkpoint to some nodes only."""
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device))
+    if bool((steps != step).any()):
+        raise RuntimeError(f"ranks start from different steps {steps.tolist()}: do all nodes see the same run folder?")
+
+
+def fixed_samples(manifest: Manifest, count: int) -> list:
+    """The first `count` samples of a split: the same images at every evaluation."""
+    out = []
+    for path in manifest.shard_paths():
+        for sample in read_shard(path):
+            if len(out) == count:
+                return out
+            out.append(decode_sample(sample, manifest.num_classes, manifest.ignore_index))
+    return out
+
+
+def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> None:
+    tb.scalar("val/mIoU", metrics["miou"], step)
+    tb.scalar("val/pixel_accuracy", metrics["pixel_accuracy"], step)
+    for name, iou in zip(manifest.classes, metrics["per_class_iou"]):
+        tb.scalar(f"val/IoU/{name}", iou, step)
+    tb.flush()
+    log.info("step %d: val mIoU %.4f", step, metrics["miou"])
+
+
+@torch.no_grad()
+def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator, step: int) -> None:
+    if not shown:
+        return
+    was_training = model.training
+    model.eval()
+    for i, (key, image, mask) in enumerate(shown):
+        h, w = mask.shape
+        with accelerator.autocast():
+            logits = model(to_input(torch.from_numpy(pad_image(image))[None], accelerator.device))
+        pred = labels_from_logits(logits.float())[0, :h, :w].cpu().numpy()
+        tb.strip(f"val/sample_{i}", image, mask, pred, manifest.palette, manifest.ignore_index, step)
+    model.train(was_training)

@@ -1,0 +1,66 @@
+"""segdist.data.sample: member names, the tar reader, the label check, padding and bit depth."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from segdist.data.sample import (ShardError, label_counts, make_sample, member_name, pad_image, padded_size,
+                                 read_members, read_shard, split_member, to_uint8)
+
+
+def test_member_names_follow_webdatasets_rule():
+    assert member_name("frame_001", "image.png") == "frame_001.image.png"
+    assert split_member("frame_001.image.png") == ("frame_001", "image.png")
+    assert split_member("city/a_b.MASK.PNG") == ("city/a_b", "mask.png")  # folder kept, kind lower-cased
+    assert split_member("README") is None and split_member(".hidden") is None
+
+
+def test_label_counts_finds_the_smallest_stray_label():
+    mask = np.array([[0, 1, 255], [3, 7, 1]], dtype=np.uint8)
+    counts, bad = label_counts(mask, 4, 255)
+    assert counts.tolist() == [1, 2, 0, 1] and bad == 7
+    counts, bad = label_counts(np.array([[0, 255]], dtype=np.uint16), 2, 255)
+    assert counts.tolist() == [1, 0] and bad is None
+
+
+def test_padding_and_bit_depth():
+    assert padded_size(33, 64) == (64, 64) and padded_size(1, 1, 8) == (8, 8)
+    image = np.full((5, 40, 3), 9, dtype=np.uint8)
+    out = pad_image(image)
+    assert out.shape == (32, 64, 3) and (out[:5, :40] == 9).all() and out[5:].sum() == 0 and out[:, 40:].sum() == 0
+    assert to_uint8(np.array([0, 128, 32767, 65535], dtype=np.uint16)).tolist() == [0, 0, 127, 255]
+
+
+def tar_bytes(members: dict[str, bytes], end_marker: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if not end_marker:  # cut right after the last member: tarfile alone reads it as a normal end
+        data = data[: 512 * (1 + -(-len(members[list(members)[-1]]) // 512)) * len(members)]
+    return data
+
+
+def test_read_shard_groups_members_and_catches_a_cut_between_members(tmp_path):
+    members = {"a.image.png": b"x" * 10, "a.mask.png": b"m", "b.image.jpg": b"y", "b.mask.png": b"n"}
+    path = tmp_path / "s-000000.tar"
+    path.write_bytes(tar_bytes(members))
+    samples = list(read_shard(path))
+    assert [s["__key__"] for s in samples] == ["a", "b"] and samples[1]["image.jpg"] == b"y"
+    assert [m.name for m, _ in read_members(path)] == list(members)
+    path.write_bytes(tar_bytes(members, end_marker=False))
+    got = []
+    with pytest.raises(ShardError, match="after 1 samples"):
+        for sample in read_shard(path):
+            got.append(sample["__key__"])
+    assert got == ["a"]  # the sample before the damage was read, the one in progress dropped
+
+
+def test_make_sample_is_what_read_shard_yields(tmp_path):
+    sample = make_sample("k", "/data/k.png", b"img", "image.png", b"mask")
+    assert sample == {"__key__": "k", "__url__": "/data/k.png", "image.png": b"img", "mask.png": b"mask"}

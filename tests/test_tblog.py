@@ -1,0 +1,40 @@
+"""TensorBoard on the main process: scalars, text and image strips as TensorBoard reads them."""
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from segdist.tblog import TensorBoard, colorize
+
+
+def test_colorize_uses_the_palette_and_whitens_ignored_pixels():
+    mask = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    out = colorize(mask, [[0, 0, 0], [255, 0, 0], [0, 255, 0]], 255)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[0, 1].tolist() == [255, 0, 0] and out[1, 0].tolist() == [0, 255, 0] and out[1, 1].tolist() == [255] * 3
+
+
+def test_the_main_process_writes_what_tensorboard_reads(tmp_path):
+    tb = TensorBoard(tmp_path, enabled=True)
+    tb.scalar("train/loss", 0.5, 3)
+    tb.scalar("train/skipped", None, 3)  # nothing to log: no event
+    tb.text("run/precision", "fp32: no native bf16", 0)
+    image = np.zeros((4, 5, 3), dtype=np.uint8)
+    mask = np.ones((4, 5), dtype=np.uint8)
+    tb.strip("val/sample_0", image, mask, mask, [[0, 0, 0], [9, 9, 9]], 255, 3)
+    tb.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.5)]
+    assert "train/skipped" not in events.Tags()["scalars"]
+    assert events.Tensors("run/precision/text_summary")[0].tensor_proto.string_val == [b"fp32: no native bf16"]
+    strip = events.Images("val/sample_0")[0]
+    assert (strip.width, strip.height) == (15, 4)  # input | truth | prediction side by side
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    tb = TensorBoard(tmp_path, enabled=False)
+    tb.scalar("train/loss", 1.0, 1)
+    tb.text("x", "y", 1)
+    tb.flush()
+    tb.close()
+    assert not (tmp_path / "tensorboard").exists()

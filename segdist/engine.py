@@ -29,8 +29,8 @@ import torch
 from segdist.checkpoint import latest_checkpoint, restore
 from segdist.data.augment import build_augment
 from segdist.data.manifest import Manifest, load_manifest
-from segdist.distributed import (StopSignal, launch_context, local_world_size, make_accelerator, setup_logging,
-                                 unused_devices_warning)
+from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
+                                 setup_logging, unused_devices_warning)
 from segdist.errors import UserError, mark_per_rank, user_error_of
 from segdist.losses import build_loss
 from segdist.models import build_model, check_batch_norms_train, prepare_model, resolve_classes
@@ -63,6 +63,8 @@ class Setup:
     """The run folder did not exist: a run that fails before its first checkpoint removes it."""
     precision: Precision
     """train.precision resolved against this process's device (segdist.precision)."""
+    dist: DistContext
+    """This process's rank and world, as the launcher set them (read once, here)."""
 
     @property
     def finished(self) -> bool:
@@ -83,7 +85,8 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     if val_m.classes != train_m.classes:
         raise UserError(f"splits {train_m.split!r} and {val_m.split!r} in {recipe.data.root} have different class lists")
     precision = resolve_precision(recipe.train.precision)
-    world = launch_context().world
+    dist = launch_context()
+    world = dist.world
     if recipe.data.batch_size == 1 and not (recipe.model.sync_bn and torch.cuda.is_available() and world > 1):
         check_batch_norms_train(recipe.model, classes, tuple(recipe.data.crop))
     if recipe.data.batch_size * world > train_m.num_samples:
@@ -106,7 +109,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     resume_from = latest if resume != "no" else None
     start = check_resumable(resume_from, recipe) if resume_from is not None else 0
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
-                 precision=precision)
+                 precision=precision, dist=dist)
 
 
 def check_shard_sizes(manifest: Manifest) -> None:
@@ -178,7 +181,7 @@ def build_parts(r: Recipe, setup: Setup) -> Parts:
     model = build_model(model_cfg, setup.classes)
     # The EMA copies the plain model, before compile (a copied compiled forward would call the original).
     ema = ModelEMA(model, r.model.ema_decay) if r.model.ema_decay > 0 else None
-    model = prepare_model(model, r.model, "cuda" if torch.cuda.is_available() else "cpu", launch_context().world)
+    model = prepare_model(model, r.model, "cuda" if torch.cuda.is_available() else "cpu", setup.dist.world)
     ignore = setup.train_manifest.ignore_index
     loss_fn = build_loss(r.loss, setup.classes, ignore, setup.train_manifest.class_pixels)
     optimizer = build_optimizer(model, r.optim)
@@ -241,7 +244,7 @@ def make_meter(r: Recipe, setup: Setup, accelerator, precision: Precision) -> St
 def report_finished(setup: Setup) -> dict | None:
     """A resumed run whose latest checkpoint is at train.steps (a job requeued after its last step)."""
     run_dir = Path(setup.recipe.train.run_dir)
-    if launch_context().is_main:
+    if setup.dist.is_main:
         print(f"{run_dir} already finished: checkpoint {setup.resume_from.name} is at train.steps = "
               f"{setup.recipe.train.steps}; nothing to do", flush=True)
     metrics = run_dir / "metrics" / f"step-{setup.start_step}.json"

@@ -32,6 +32,7 @@ from segdist.data.manifest import Manifest, load_manifest
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
                                  setup_logging, unused_devices_warning)
 from segdist.errors import UserError, mark_per_rank, user_error_of
+from segdist.inference import InferenceMode
 from segdist.losses import build_loss
 from segdist.models import build_model, check_batch_norms_train, prepare_model, resolve_classes
 from segdist.models.ema import ModelEMA
@@ -85,6 +86,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     if val_m.classes != train_m.classes:
         raise UserError(f"splits {train_m.split!r} and {val_m.split!r} in {recipe.data.root} have different class lists")
     precision = resolve_precision(recipe.train.precision)
+    InferenceMode.from_recipe(recipe)  # eval.stride against the window, before any process group
     dist = launch_context()
     world = dist.world
     if recipe.data.batch_size == 1 and not (recipe.model.sync_bn and torch.cuda.is_available() and world > 1):

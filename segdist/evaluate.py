@@ -14,10 +14,12 @@ import logging
 import torch
 
 from segdist.data.manifest import Manifest
+from segdist.data.sample import padded_size
 from segdist.data.stream import EvalStream, eval_loader
 from segdist.errors import UserError
 from segdist.metrics import ConfusionMatrix, metrics_from_confusion
-from segdist.preprocess import labels_from_logits, to_input
+from segdist.inference import InferenceMode, labels
+from segdist.preprocess import to_input
 
 log = logging.getLogger("segdist")
 
@@ -37,8 +39,11 @@ def share_buffers(model: torch.nn.Module, accelerator) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int, num_workers: int) -> dict:
-    """Metrics of `model` on the whole split, identical for any world size."""
+def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int, num_workers: int,
+             mode: InferenceMode | None = None) -> dict:
+    """Metrics of `model` on the whole split, identical for any world size; frames go through the
+    model as `mode` says (segdist.inference; default: whole frames, one pass)."""
+    mode = mode or InferenceMode()
     was_training = model.training
     model.eval()
     share_buffers(model, accelerator)
@@ -48,10 +53,16 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
                          pin_memory=accelerator.device.type == "cuda")
     cm = ConfusionMatrix(manifest.num_classes, manifest.ignore_index, accelerator.device)
     samples = 0
-    for _, images, masks in loader:
-        with accelerator.autocast():
-            logits = model(to_input(images, accelerator.device))
-        cm.update(labels_from_logits(logits.float()), masks.to(accelerator.device, non_blocking=True))
+    for _, images, masks, sizes in loader:
+        x, masks = to_input(images, accelerator.device), masks.to(accelerator.device, non_blocking=True)
+        # Each frame at its own padded size: what a frame is batched with (which differs with the
+        # world size) must not change its prediction (the padding is in the model's receptive field).
+        parts = [slice(None)] if len(set(sizes)) == 1 else [slice(i, i + 1) for i in range(len(sizes))]
+        for part, size in zip(parts, sizes):
+            h, w = padded_size(*size)
+            with accelerator.autocast():
+                pred = labels(model, x[part, :, :h, :w], mode)
+            cm.update(pred, masks[part, :h, :w])
         samples += len(masks)
     # The one collective: the matrix and the sample count, summed over ranks.
     n = manifest.num_classes
@@ -90,9 +101,10 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
     accelerator = make_accelerator(resolve_precision(recipe.train.precision))
     setup_logging(accelerator.is_main_process)
     model.to(accelerator.device)
-    log.info("evaluating %s on split %r (%d samples) with %d processes",
-             path, manifest.split, manifest.num_samples, accelerator.num_processes)
-    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers)
+    mode = InferenceMode.from_recipe(recipe)
+    log.info("evaluating %s on split %r (%d samples) with %d processes; %s",
+             path, manifest.split, manifest.num_samples, accelerator.num_processes, mode.describe())
+    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers, mode)
     metrics["checkpoint"] = str(path)
     if accelerator.is_main_process:
         print(format_table(metrics, manifest.classes), flush=True)

@@ -3,9 +3,10 @@
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
 palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as notebook 004's grayscale birds needed.
-It goes through the model one at a time, in eval mode and fp32, either at its own size (padded
-with black to a multiple of 32, as the eval loader pads, and the logits cropped back) or resized
-to `size` — the training scale — with the logits resized back to the original size (bilinear).
+It goes through the model one at a time, in eval mode and fp32, the way evaluation runs frames
+(segdist.inference): the recipe's `[eval]` mode (whole, slide or resize, with its scales and flip),
+or resized to `size` — the training scale — with the scores resized back to the original size
+(bilinear). Padding is black, to a multiple of 32, as the eval loader pads.
 
 The model comes from `segdist.models.load_trained`, as evaluation loads it: built without
 pretrained encoder weights (the checkpoint holds every weight), its EMA copy preferred when the
@@ -34,10 +35,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
-from segdist.data.sample import PAD_MULTIPLE, to_uint8
+from segdist import inference
+from segdist.data.sample import to_uint8
+from segdist.inference import InferenceMode
 from segdist.errors import UserError
 from segdist.models.trained import BINARY_CLASSES
 from segdist.preprocess import normalise
@@ -70,9 +72,12 @@ class Predictor:
     def binary(self) -> bool:
         return self.outputs == 1
 
+    mode: InferenceMode = InferenceMode()
+    """How images go through the model (the recipe's `[eval]` mode) when no size is given."""
+
     def predict_probabilities(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
-        """`predict_probabilities(self.model, image, size)`."""
-        return predict_probabilities(self.model, image, size)
+        """`predict_probabilities(self.model, image, size, self.mode)`."""
+        return predict_probabilities(self.model, image, size, self.mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +107,7 @@ def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.de
     device = torch.device(device) if device is not None else default_device()
     model.to(device).eval()
     return Predictor(model, info.outputs, list(classes), [list(c) for c in palette], ignore_index, info.checkpoint,
-                     device)
+                     device, InferenceMode.from_recipe(recipe))
 
 
 def default_device() -> torch.device:
@@ -150,48 +155,40 @@ def read_image(image: ImageLike) -> np.ndarray:
 
 
 @torch.no_grad()
-def forward_logits(model: nn.Module, rgb: np.ndarray, size: Sequence[int] | None = None) -> torch.Tensor:
-    """1xKxHxW fp32 logits of an HxWx3 uint8 image at its own size H, W (on the model's device).
-
-    With `size` the image is resized to it (bilinear, like the training presets' resize) and the
-    logits back; either way the input is padded with black to a multiple of 32 and cropped back.
-    """
+def forward_scores(model: nn.Module, rgb: np.ndarray, mode: InferenceMode) -> torch.Tensor:
+    """1xKxHxW scores of an HxWx3 uint8 image at its own size H, W (on the model's device), through
+    segdist.inference as evaluation runs it: logits for a single pass, mean probabilities with
+    test-time augmentation."""
     device = next(model.parameters()).device
-    h, w = rgb.shape[:2]
     x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float()
-    if size is not None and (h, w) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    th, tw = x.shape[-2:]
-    # Pad in pixel space with 0 before normalising: the eval loader's padding, seen by the model as black.
-    x = F.pad(x, (0, -tw % PAD_MULTIPLE, 0, -th % PAD_MULTIPLE))
-    x = normalise(x)
-    logits = model(x).float()[:, :, :th, :tw]
-    if (th, tw) != (h, w):
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits
+    return inference.scores(model, normalise(x), mode)
 
 
-def probabilities(logits: torch.Tensor) -> np.ndarray:
-    """1xKxHxW logits → float32 HxW sigmoid (one logit) or KxHxW softmax, on the CPU."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[0, 0]).cpu().numpy()
-    return torch.softmax(logits[0], dim=0).cpu().numpy()
+def to_probabilities(scores: torch.Tensor, mode: InferenceMode) -> np.ndarray:
+    """1xKxHxW scores → float32 HxW sigmoid (one logit) or KxHxW softmax, on the CPU."""
+    prob = scores if mode.tta else inference.probabilities(scores)
+    return (prob[0, 0] if prob.shape[1] == 1 else prob[0]).cpu().numpy()
 
 
-def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None,
+                          mode: InferenceMode | None = None) -> np.ndarray:
     """Probability map of one image at its original size, as notebook 004's `predict(model, img_path)`:
     float32 HxW (probability of the foreground) for a one-logit model, CxHxW (softmax) otherwise.
 
     `image` is a file path, a PIL image or an array; `size` (H, W) resizes it for the forward pass
-    (the scale the model was trained at). The model runs in eval mode under no_grad on its device
-    (its train/eval mode is restored after). E.g.
+    (the scale the model was trained at: "resize" mode); otherwise `mode` (segdist.inference; a
+    Predictor passes its recipe's `[eval]` mode) or the whole image. The model runs in eval mode
+    under no_grad on its device (its train/eval mode is restored after). E.g.
     `predict_probabilities(load_predictor(recipe, run).model, "bird.jpg")`.
     """
+    if size is not None:
+        mode = InferenceMode("resize", crop=tuple(int(v) for v in size))
+    mode = mode or InferenceMode()
     rgb = read_image(image)
     was_training = model.training
     model.eval()
     try:
-        return probabilities(forward_logits(model, rgb, size))
+        return to_probabilities(forward_scores(model, rgb, mode), mode)
     finally:
         model.train(was_training)
 

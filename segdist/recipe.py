@@ -208,16 +208,41 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
 
 
+EVAL_MODES = ("whole", "slide", "resize")
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 8
-    """Samples per process per evaluation batch."""
+    """Samples per process per evaluation batch; in slide mode also the windows per forward pass."""
     num_workers: int = 1
     """DataLoader workers per process for evaluation."""
+    mode: str = "whole"
+    """How a frame goes through the model (segdist.inference): "whole" at its native size, "slide" in
+    overlapping crop-sized windows, "resize" at eval.crop and the scores resized back."""
+    crop: Optional[list[int]] = None
+    """[H, W] of a slide window, or the size "resize" runs at; "null" = data.crop (the training scale)."""
+    stride: Optional[list[int]] = None
+    """[H, W] step between slide windows; "null" = two thirds of the crop (mmseg's 513 for 769)."""
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    """Test-time scales of the frame (e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]); more than one averages probabilities."""
+    flip: bool = False
+    """Also run the horizontally flipped frame and average the probabilities (test-time augmentation)."""
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
         _non_negative("eval.num_workers", self.num_workers)
+        if self.mode not in EVAL_MODES:
+            raise UserError(f"eval.mode must be one of {', '.join(map(repr, EVAL_MODES))}, got {self.mode!r}")
+        for key in ("crop", "stride"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise UserError(f"eval.{key} must be two positive integers [H, W] (or \"null\"), got {value}")
+        if self.crop is not None and self.stride is not None and any(s > c for s, c in zip(self.stride, self.crop)):
+            raise UserError(f"eval.stride {self.stride} is larger than eval.crop {self.crop}: the windows would leave "
+                            "pixels unseen; use a stride <= the crop (e.g. two thirds of it)")
+        if not self.scales or min(self.scales) <= 0:
+            raise UserError(f"eval.scales must be positive numbers, e.g. [0.75, 1.0, 1.25]; got {self.scales}")
 
 
 @dataclass

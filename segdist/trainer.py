@@ -28,6 +28,7 @@ from segdist.data.stream import TrainStream, train_loader
 from segdist.errors import TrainingDiverged
 from segdist.evaluate import evaluate
 from segdist.fileio import atomic_write_json, atomic_write_text
+from segdist.inference import InferenceMode
 from segdist.metrics import format_table
 from segdist.preprocess import labels_from_logits, to_input
 from segdist.recipe import Recipe, dumps_toml
@@ -127,6 +128,7 @@ class Trainer:
             self.pieces["scaler"] = self.scaler
             if setup.resume_from is not None:  # the other pieces were restored before the group formed
                 restore(setup.resume_from, {"scaler": self.scaler})
+        self.inference = InferenceMode.from_recipe(r)
         self.run_dir = Path(r.train.run_dir)
         self.recipe_toml = dumps_toml(r)
         if accelerator.is_main_process:
@@ -193,7 +195,8 @@ class Trainer:
         ranked for `best`."""
         model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
         manifest = self.setup.val_manifest
-        metrics = evaluate(model, manifest, self.accelerator, self.r.eval.batch_size, self.r.eval.num_workers)
+        metrics = evaluate(model, manifest, self.accelerator, self.r.eval.batch_size, self.r.eval.num_workers,
+                           self.inference)
         log_eval(self.tb, metrics, manifest, step)
         draw_samples(self.tb, model, self.shown, manifest, self.accelerator, step)
         if self.accelerator.is_main_process:

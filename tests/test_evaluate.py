@@ -86,3 +86,79 @@ def test_eval_during_training_equals_eval_of_the_saved_checkpoint(tiny_recipe, t
                                "--out", str(out)], nproc=2)
     assert after.returncode == 0, after.stderr[-3000:]
     assert json.loads(out.read_text())["confusion_matrix"] == during["confusion_matrix"]
+
+
+SLIDE = ["--set", "eval.mode=slide", "--set", "eval.crop=[16, 16]", "--set", "eval.stride=[8, 8]",
+         "--set", "eval.scales=[0.75, 1.0]", "--set", "eval.flip=true", "--set", "eval.batch_size=3"]
+
+
+@pytest.mark.slow
+def test_sliding_window_with_tta_is_exact_for_any_world_size(trained_run, tmp_path):
+    """Slide + scales + flip: the same matrix for 1 and 3 processes, equal to one image at a time
+    through segdist.inference counted with numpy, at the labels' native resolution."""
+    from segdist.inference import InferenceMode, labels
+    from segdist.preprocess import normalise
+
+    recipe, run = trained_run
+    r = load_recipe(recipe, [a for a in SLIDE if a != "--set"])
+    manifest = load_manifest(r.data.root, "val7")
+    model = build_model(r.model, 4)
+    model.load_state_dict(load_file(str(resolve_checkpoint(run) / "model.safetensors")))
+    model.eval()
+    mode = InferenceMode.from_recipe(r)
+    reference = np.zeros((4, 4), dtype=np.int64)
+    for path in manifest.shard_paths():
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in files if n.endswith(".mask.png")):
+            key = name[: -len(".mask.png")]
+            image = np.asarray(Image.open(io.BytesIO(files[f"{key}.image.png"])).convert("RGB"))
+            mask = np.asarray(Image.open(io.BytesIO(files[name]))).astype(np.int64)
+            x = normalise(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float())
+            pred = labels(model, x, mode)[0].numpy()
+            valid = mask != 255
+            np.add.at(reference, (mask[valid], pred[valid]), 1)
+    assert reference.sum() == manifest.valid_pixels
+    for world in (1, 3):  # 3 processes: 7 samples split unevenly
+        out = tmp_path / f"slide{world}.json"
+        result = launch("eval.py", [str(recipe), "--checkpoint", str(run), "--split", "val7", "--out", str(out),
+                                    *SLIDE], nproc=world)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "slide (16, 16) windows, stride (8, 8), scales [0.75, 1.0], flip" in result.stderr
+        metrics = json.loads(out.read_text())
+        assert metrics["valid_pixels"] == manifest.valid_pixels and metrics["world_size"] == world
+        assert np.array_equal(np.array(metrics["confusion_matrix"], dtype=np.int64), reference), world
+
+
+def test_a_frame_is_predicted_alike_whatever_it_is_batched_with(tmp_path):
+    """Frames of different sizes: each runs at its own padded size, so the batch (which changes with
+    the world size) cannot change its prediction; whole and slide alike."""
+    from segdist.data.shards import ShardWriter, encode_png
+    from segdist.distributed import make_accelerator
+    from segdist.evaluate import evaluate
+    from segdist.inference import InferenceMode
+    from segdist.precision import resolve_precision
+
+    rng = np.random.default_rng(3)
+    writer = ShardWriter(tmp_path, "mixed", dataset="t", classes=["a", "b", "c"], palette=[[0, 0, 0]] * 3,
+                         samples_per_shard=3)
+    for i, (h, w) in enumerate([(40, 50), (96, 70), (33, 33), (64, 128), (50, 40)]):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        writer.write(f"s{i}", encode_png(image), "png", rng.integers(0, 3, (h, w)).astype(np.uint8))
+    writer.close()
+    manifest = load_manifest(tmp_path, "mixed")
+    class GlobalContext(torch.nn.Module):  # as DeepLab's image pooling: each pixel sees the frame's mean
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.local, self.pooled = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.local(x) + 10 * self.pooled(x.mean(dim=(2, 3), keepdim=True))
+
+    model = GlobalContext().eval()
+    accelerator = make_accelerator(resolve_precision("fp32"))
+    for mode in (InferenceMode(), InferenceMode("slide", (32, 32), (16, 16))):
+        one = evaluate(model, manifest, accelerator, 1, 0, mode)
+        many = evaluate(model, manifest, accelerator, 5, 0, mode)
+        assert one["confusion_matrix"] == many["confusion_matrix"] and one["valid_pixels"] == manifest.valid_pixels

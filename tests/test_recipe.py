@@ -44,6 +44,10 @@ def test_int_accepted_for_float(tmp_path):
         ("[data]\ncrop = 64\n", "data.crop"),
         ("[optim]\nlr = -1.0\n", "optim.lr"),
         ("[train\n", "not valid TOML"),
+        ("[eval]\nmode = \"sliding\"\n", "eval.mode must be one of 'whole', 'slide', 'resize'"),
+        ("[eval]\ncrop = [512, 512]\nstride = [600, 400]\n", "eval.stride [600, 400] is larger than eval.crop"),
+        ("[eval]\nscales = [0.5, 0.0]\n", "eval.scales must be positive"),
+        ("[eval]\ncrop = [512]\n", "eval.crop must be two positive integers"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, needle):

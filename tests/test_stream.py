@@ -17,7 +17,7 @@ def eval_keys(manifest, world, workers):
     keys = []
     for rank in range(world):
         stream = EvalStream(manifest.shard_paths(), rank=rank, world=world, num_classes=4, ignore_index=255)
-        for batch_keys, images, masks in eval_loader(stream, 2, workers, 255, pin_memory=False):
+        for batch_keys, images, masks, _ in eval_loader(stream, 2, workers, 255, pin_memory=False):
             keys += batch_keys
     return keys
 

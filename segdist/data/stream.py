@@ -218,7 +218,9 @@ class EvalStream(IterableDataset):
 
 def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
     """Batch samples of any size: pad images with 0 and masks with the ignore index up to a
-    multiple of `multiple` (what encoders need), so padded pixels never count in metrics."""
+    multiple of `multiple` (what encoders need), so padded pixels never count in metrics. The
+    batch is (keys, images, masks, sizes): each sample's own (H, W), so that evaluation can run
+    it at its own padded size, whatever it was batched with."""
 
     def collate(items):
         keys, images, masks = zip(*items)
@@ -230,7 +232,7 @@ def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
         for i, (img, m) in enumerate(zip(images, masks)):
             image_batch[i, : img.shape[0], : img.shape[1]] = img
             mask_batch[i, : m.shape[0], : m.shape[1]] = m
-        return list(keys), image_batch, mask_batch
+        return list(keys), image_batch, mask_batch, [tuple(m.shape) for m in masks]
 
     return collate
 

@@ -19,12 +19,9 @@ from segdist.recipe import load_recipe
 from safetensors.torch import load_file
 
 
-def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
-    """Decode every sample with PIL, predict one at a time, count with numpy."""
-    recipe = load_recipe(recipe_path)
-    model = build_model(recipe.model, 4)
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    model.eval()
+def count_one_at_a_time(manifest, predict) -> np.ndarray:
+    """Decode every sample with PIL, predict one at a time (`predict`: normalised 1x3xHxW -> 1xHxW
+    labels), count with numpy."""
     cm = np.zeros((4, 4), dtype=np.int64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -38,12 +35,19 @@ def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
                 mask = np.asarray(Image.open(io.BytesIO(files[name]))).astype(np.int64)
                 x = (torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() - MEAN) / STD
                 with torch.no_grad():
-                    pred = model(x).argmax(1)[0].numpy()
+                    pred = predict(x)[0].numpy()
                 valid = mask != 255
                 np.add.at(cm, (mask[valid], pred[valid]), 1)
     finally:
         torch.set_num_threads(threads)
     return cm
+
+
+def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
+    model = build_model(load_recipe(recipe_path).model, 4)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    model.eval()
+    return count_one_at_a_time(manifest, lambda x: model(x).argmax(1))
 
 
 @pytest.mark.slow
@@ -97,7 +101,6 @@ def test_sliding_window_with_tta_is_exact_for_any_world_size(trained_run, tmp_pa
     """Slide + scales + flip: the same matrix for 1 and 3 processes, equal to one image at a time
     through segdist.inference counted with numpy, at the labels' native resolution."""
     from segdist.inference import InferenceMode, labels
-    from segdist.preprocess import normalise
 
     recipe, run = trained_run
     r = load_recipe(recipe, [a for a in SLIDE if a != "--set"])
@@ -106,18 +109,7 @@ def test_sliding_window_with_tta_is_exact_for_any_world_size(trained_run, tmp_pa
     model.load_state_dict(load_file(str(resolve_checkpoint(run) / "model.safetensors")))
     model.eval()
     mode = InferenceMode.from_recipe(r)
-    reference = np.zeros((4, 4), dtype=np.int64)
-    for path in manifest.shard_paths():
-        with tarfile.open(path) as tar:
-            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for name in sorted(n for n in files if n.endswith(".mask.png")):
-            key = name[: -len(".mask.png")]
-            image = np.asarray(Image.open(io.BytesIO(files[f"{key}.image.png"])).convert("RGB"))
-            mask = np.asarray(Image.open(io.BytesIO(files[name]))).astype(np.int64)
-            x = normalise(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float())
-            pred = labels(model, x, mode)[0].numpy()
-            valid = mask != 255
-            np.add.at(reference, (mask[valid], pred[valid]), 1)
+    reference = count_one_at_a_time(manifest, lambda x: labels(model, x, mode))
     assert reference.sum() == manifest.valid_pixels
     for world in (1, 3):  # 3 processes: 7 samples split unevenly
         out = tmp_path / f"slide{world}.json"

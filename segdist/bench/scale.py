@@ -43,13 +43,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def convert_shapes(root: Path, count: int, crop: list[int], classes: int) -> None:
-    """Shapes scenes of the crop's size, train (`count`) and val (32), by the real converter; its
-    report goes to stderr, leaving stdout to the bench's table."""
+def convert_shapes(root: Path, count: int, crop: list[int], classes: int, val_count: int = 32) -> None:
+    """Shapes scenes of the crop's size, train (`count`) and val (`val_count`), by the real
+    converter; its report goes to stderr, leaving stdout to the bench's table."""
     from segdist.data.convert import build_parser
 
     size = [str(crop[0]), str(crop[1])]
-    for split, n, seed in (("train", count, 1), ("val", 32, 2)):
+    for split, n, seed in (("train", count, 1), ("val", val_count, 2)):
         args = build_parser().parse_args(["shapes", "--out", str(root), "--split", split, "--count", str(n),
                                           "--seed", str(seed), "--size", *size, "--classes", str(classes),
                                           "--samples-per-shard", str(max(1, n // 8))])

@@ -1,10 +1,11 @@
-"""Benchmarks:  python launch/bench.py {data,metric,step,scale,gpu} [...]   (--help on each)
+"""Benchmarks:  python launch/bench.py {data,metric,step,scale,eval,gpu} [...]   (--help on each)
 
 `data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
 folder of files, JPEG- vs PNG-stored shards. `metric` times the confusion-matrix update against
 seed notebook 002's numpy loop and torchmetrics. `step` times segdist's train step against a bare
 PyTorch (DDP) loop at 1 and 2 processes. `scale` compares training samples/s at 1 and 2
-processes on the real training path. `gpu` runs the CUDA checks. See BENCHMARKS.md. Each
+processes on the real training path. `eval` times evaluation in whole / slide / slide + flip
+mode and the share spent counting. `gpu` runs the CUDA checks. See BENCHMARKS.md. Each
 benchmark is a module of the segdist.bench package; this script only parses and calls it.
 """
 

@@ -1,0 +1,105 @@
+"""`launch/bench.py eval`: evaluation throughput of whole, slide and slide + flip, and the share of
+its wall time spent counting (ConfusionMatrix.update) and in the all-reduce.
+
+The real path: segdist.evaluate.evaluate over converted shapes shards (the bench converts
+--count frames of --size x --size unless --data names a converted root with a `val` split), the
+demo recipe's UNet (random weights: the speed does not depend on them), in this process (1
+process: the all-reduce is a no-op here; launched with several processes it is the real one).
+The update and the all-reduce are timed by wrapping them for the bench's run; on a GPU each timed
+call synchronises first, so the share is of work done, not of work queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from segdist.errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="eval samples/s of whole / slide / slide+flip, and the counting share",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="converted data root with a `val` split (default: shapes converted here)")
+    p.add_argument("--count", type=int, default=64, help="frames converted when --data is not given (default 64)")
+    p.add_argument("--size", type=int, default=256, help="side of the converted frames (default 256)")
+    p.add_argument("--crop", type=int, default=128, help="slide window side (default 128; stride two thirds of it)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames (and slide windows) per batch (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(run=run)
+
+
+class Timed:
+    """Wall seconds spent in one callable, synchronising the device before each clock read."""
+
+    def __init__(self, fn, device: torch.device) -> None:
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, *args, **kwargs):
+        self._sync()
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from segdist.bench.scale import convert_shapes
+    from segdist.data.manifest import load_manifest
+    from segdist.distributed import make_accelerator
+    from segdist.evaluate import evaluate
+    from segdist.inference import InferenceMode
+    from segdist.metrics import ConfusionMatrix
+    from segdist.models import build_model
+    from segdist.precision import detect_hardware, resolve_precision
+    from segdist.recipe import ModelConfig
+
+    for name in ("count", "size", "crop", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    precision = resolve_precision("auto")
+    accelerator = make_accelerator(precision, 1)
+    torch.set_num_threads(args.threads)
+    crop = (args.crop, args.crop)
+    stride = tuple(max(1, 2 * c // 3) for c in crop)
+    variants = {"whole": InferenceMode(batch_size=args.batch_size),
+                "slide": InferenceMode("slide", crop, stride, batch_size=args.batch_size),
+                "slide + flip": InferenceMode("slide", crop, stride, flip=True, batch_size=args.batch_size)}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="unet", encoder=None, encoder_weights=None,
+                                    arch_args={"width": 16, "depth": 4}), 5).to(accelerator.device).eval()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-eval-") as tmp:
+        root = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            convert_shapes(root, 8, [args.size, args.size], 5, val_count=args.count)
+        manifest = load_manifest(root, "val")
+        original_update, original_reduce = ConfusionMatrix.update, accelerator.reduce
+        for name, mode in variants.items():
+            update, reduce = Timed(original_update, accelerator.device), Timed(original_reduce, accelerator.device)
+            ConfusionMatrix.update = lambda self, pred, target, _timed=update: _timed(self, pred, target)
+            accelerator.reduce = reduce
+            try:
+                start = time.perf_counter()
+                metrics = evaluate(model, manifest, accelerator, args.batch_size, 0, mode)
+                wall = time.perf_counter() - start
+            finally:
+                ConfusionMatrix.update, accelerator.reduce = original_update, original_reduce
+            rows.append((name, metrics["num_samples"] / wall, update.seconds / wall, reduce.seconds / wall))
+    print(f"eval throughput: {manifest.num_samples} frames of {args.size}x{args.size}, demo UNet, {precision.name}, "
+          f"batch {args.batch_size}, slide window {args.crop} stride {stride[0]}, {accelerator.num_processes} "
+          f"process(es), {args.threads} thread(s); {detect_hardware().describe()}")
+    print(f"{'mode':<14} {'samples/s':>10} {'update share':>13} {'all-reduce share':>17}")
+    for name, rate, update_share, reduce_share in rows:
+        print(f"{name:<14} {rate:>10.1f} {100 * update_share:>12.2f}% {100 * reduce_share:>16.2f}%")
+    accelerator.end_training()
+    return 0

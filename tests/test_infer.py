@@ -6,6 +6,7 @@ padding and ImageNet normalisation), on a grayscale PNG and an RGB PNG of sizes 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from segdist.errors import UserError
 from segdist.infer import load_predictor, predict_files, predict_probabilities
 from segdist.models import build_model
 from segdist.recipe import load_recipe
+from test_convert_cityscapes import FRAMES, make_cityscapes
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -192,17 +194,27 @@ def test_binary_python_api(binary_run, images, tmp_path):
         load_predictor(load_recipe(recipe, [f"data.root={tmp_path / 'nowhere'}", "model.classes=null"]), run)
 
 
-def test_multiclass_predict_matches_direct_forward(trained_run, images, tmp_path):
+def test_multiclass_predict_two_processes_each_file_once(trained_run, images, tmp_path):
+    """Two ranks split a file, a glob and a folder (with a subfolder) between them; every output
+    is written once and equals the direct forward pass."""
     recipe, run = trained_run
     checkpoint = resolve_checkpoint(run)
     model = loaded_model(recipe, checkpoint, 4, ema=(checkpoint / "ema.pt").exists())
+    folder = tmp_path / "more"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (33, 30, 3), dtype=np.uint8)).save(folder / "sub" / "deep.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    inputs = {**images, "deep": folder / "sub" / "deep.jpg"}
     out = tmp_path / "out"
-    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(images["rgb"]),
-                                   "--out", str(out)])
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]),
+                                   str(images["rgb"].parent / "rgb*.png"), str(folder), "--out", str(out),
+                                   "--format", "labels,color", "--format", "prob", "--format", "overlay"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote predictions of 3 image(s)" in result.stdout and "(2 processes: 2 + 1)" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{k}{suffix}" for k in images for suffix in (".png", "_color.png", "_prob.npy"))
-    for key, path in images.items():
+        f"{k}{suffix}" for k in inputs for suffix in (".png", "_color.png", "_prob.npy", "_overlay.png"))
+    for key, path in inputs.items():
         rgb = rgb_of(path)
         h, w = rgb.shape[:2]
         prob = np.load(out / f"{key}_prob.npy")
@@ -214,33 +226,50 @@ def test_multiclass_predict_matches_direct_forward(trained_run, images, tmp_path
         label = read_png(out / f"{key}.png")
         assert label.dtype == np.uint8 and label.shape == (h, w)
         np.testing.assert_array_equal(label, prob.argmax(0))
-        np.testing.assert_array_equal(read_png(out / f"{key}_color.png"), np.asarray(PALETTE[:4], np.uint8)[label])
+        color = np.asarray(PALETTE[:4], np.uint8)[label]
+        np.testing.assert_array_equal(read_png(out / f"{key}_color.png"), color)
+        blend = (rgb.astype(np.uint16) + color + 1) // 2
+        np.testing.assert_array_equal(read_png(out / f"{key}_overlay.png"), blend.astype(np.uint8))
     with pytest.raises(UserError, match="--threshold is for binary"):
         predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), threshold=0.3)
+    with pytest.raises(UserError, match="'probs' is not a format"):
+        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), formats=["probs"])
+    with pytest.raises(UserError, match="cannot share its folder"):
+        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"),
+                      formats=["cityscapes,labels"])
+    with pytest.raises(UserError, match="Cityscapes' 19 train classes"):
+        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), formats=["cityscapes"])
     assert not (tmp_path / "t").exists()
 
 
 def test_bad_inputs_fail_before_anything_is_written(binary_run, images, tmp_path):
     recipe, run = binary_run
     out = tmp_path / "out"
-    missing = tmp_path / "missing.png"
-    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(missing),
-                                   "--out", str(out)])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in result.stderr
-    assert not out.exists()
-
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    # Two ranks: the corrupt file is rank 1's to decode; rank 0 must not write its own share either.
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(corrupt),
+                                   "--out", str(out)], nproc=2)
+    # FACTS: under torchrun the launcher exits 1 and adds its own box; the script's line comes once.
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(corrupt) in errors[0], result.stderr[-2000:]
+    assert "UserError" not in result.stderr
+    assert not out.exists()
+
+    missing = tmp_path / "missing.png"
     twin = tmp_path / "twin"
     twin.mkdir()
     Image.open(images["gray"]).save(twin / "gray.jpg")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
     cases = [
+        ([str(images["gray"]), str(missing)], "missing.png"),
         ([str(tmp_path / "none*.png")], "none\\*.png"),
         ([str(images["gray"]), str(corrupt)], "corrupt.png"),
-        ([str(images["gray"]), str(twin / "gray.jpg")], "gray.jpg"),  # both would write gray.png
-        ([str(images["gray"]), str(tmp_path)], "is a folder"),
+        ([str(images["gray"]), str(twin)], "gray.jpg"),  # both would write gray.png
+        ([str(images["gray"]), str(empty)], "holds no image file"),
     ]
     for inputs, culprit in cases:
         with pytest.raises(UserError, match=culprit):
@@ -249,3 +278,81 @@ def test_bad_inputs_fail_before_anything_is_written(binary_run, images, tmp_path
     with pytest.raises(UserError, match="overwrite the input"):
         predict_files(load_recipe(recipe), str(run), [str(images["gray"])], str(images["gray"].parent))
     assert sorted(p.name for p in images["gray"].parent.iterdir()) == ["gray.png", "rgb.png"]
+
+
+CITYSCAPES_RECIPE = """
+[data]
+root = "{root}"
+train_split = "train"
+val_split = "val"
+batch_size = 2
+num_workers = 0
+crop = [32, 48]
+shuffle_buffer = 2
+
+[model]
+arch = "unet"
+encoder = "null"
+encoder_weights = "null"
+classes = 19
+arch_args = {{width = 8, depth = 2}}
+
+[train]
+steps = 3
+precision = "fp32"
+ckpt_every = 3
+run_dir = "{run_dir}"
+seed = 2
+
+[eval]
+batch_size = 1
+num_workers = 0
+"""
+
+
+def test_cityscapes_format_agrees_with_the_official_evaluator(tmp_path, monkeypatch):
+    """Cityscapes layout → shards → 3 training steps → eval.py and predict.py --format cityscapes →
+    cityscapesscripts' evalPixelLevelSemanticLabeling on the PNGs: the same class IoUs and mIoU."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    cs, shards = tmp_path / "cityscapes", tmp_path / "shards"
+    make_cityscapes(cs, "train", seed=0)
+    make_cityscapes(cs, "val", seed=1)
+    for split in ("train", "val"):
+        result = launch("shard.py", ["cityscapes", "--root", str(cs), "--split", split, "--out", str(shards)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    recipe = tmp_path / "cs.toml"
+    recipe.write_text(CITYSCAPES_RECIPE.format(root=shards, run_dir=tmp_path / "run"))
+    assert launch("train.py", [str(recipe)]).returncode == 0
+    ours = tmp_path / "metrics.json"
+    result = launch("eval.py", [str(recipe), "--checkpoint", str(tmp_path / "run"), "--out", str(ours)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    pred = tmp_path / "pred"
+    result = launch("predict.py", [str(recipe), "--checkpoint", str(tmp_path / "run"), str(cs / "leftImg8bit" / "val"),
+                                   "--out", str(pred), "--format", "cityscapes"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in pred.iterdir()) == sorted(
+        f"{name}_pred_labelIds.png" for names in FRAMES.values() for name in names)
+
+    # The official evaluator, as its main() sets it up, on our files; instance-level scores
+    # (nIoU) need instanceIds ground truth and are not what eval.py reports.
+    args = official.args
+    monkeypatch.setattr(args, "predictionPath", str(pred))
+    monkeypatch.setattr(args, "predictionWalk", None)
+    monkeypatch.setattr(args, "evalInstLevelScore", False)
+    monkeypatch.setattr(args, "JSONOutput", False)
+    monkeypatch.setattr(args, "quiet", True)
+    truth = sorted(str(p) for p in (cs / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    result = official.evaluateImgLists([official.getPrediction(args, t) for t in truth], truth, args)
+
+    metrics = json.loads(ours.read_text())
+    for train_id, iou in enumerate(metrics["per_class_iou"]):
+        theirs = result["classScores"][trainId2label[train_id].name]
+        if iou is None:
+            assert np.isnan(theirs)
+        else:
+            assert abs(theirs - iou) <= 1e-6, (trainId2label[train_id].name, theirs, iou)
+    assert any(iou for iou in metrics["per_class_iou"])  # the model predicts something right somewhere
+    assert abs(result["averageScoreClasses"] - metrics["miou"]) <= 1e-6
+

@@ -1,9 +1,13 @@
-"""Predict images:  python launch/predict.py RECIPE --checkpoint PATH IMAGE_OR_GLOB... --out DIR
-                     [--size H W] [--threshold T] [--set SECTION.KEY=VALUE ...]
+"""Predict images:  [accelerate launch --multi_gpu ...] launch/predict.py RECIPE --checkpoint PATH
+                     IMAGE_FOLDER_OR_GLOB... --out DIR [--format F[,F...]] [--size H W] [--threshold T]
+                     [--set SECTION.KEY=VALUE ...]
 
-Writes per image <stem>.png (class ids), <stem>_color.png (palette colours) and <stem>_prob.npy
-(binary: float32 HxW sigmoid, plus <stem>_prob.png; multi-class: float16 CxHxW softmax). Every
-input is checked before anything is written. Uses CUDA when there is a GPU, else the CPU.
+Writes per image, as --format asks (default labels color prob): <stem>.png (class ids),
+<stem>_color.png (palette colours), <stem>_prob.npy (binary: float32 HxW sigmoid, plus
+<stem>_prob.png; multi-class: float16 CxHxW softmax), <stem>_overlay.png (image and colours
+blended) or <frame>_pred_labelIds.png (Cityscapes label ids, for the benchmark server). Every input
+is checked before anything is written. With several processes the files are split across ranks,
+each written once. Uses CUDA when there is a GPU, else the CPU.
 """
 
 from __future__ import annotations
@@ -15,18 +19,28 @@ from segdist.errors import run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Segment image files with a trained checkpoint (its EMA weights when it has them): "
-        "label map, colour map and probability map per image, written atomically into --out.",
-        epilog="example: python launch/predict.py recipes/birds_unet.toml --checkpoint runs/birds_unet "
-        "'photos/*.jpg' --out predictions --size 256 256",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment image files with a trained checkpoint (its EMA weights when it has them): label map,\n"
+        "colour map, probability map, overlay or Cityscapes submission file per image, written atomically\n"
+        "into --out. With several processes each rank takes its share of the files.",
+        epilog="examples:\n"
+        "  python launch/predict.py recipes/birds_unet.toml --checkpoint runs/birds_unet 'photos/*.jpg' \\\n"
+        "      --out predictions --size 256 256\n"
+        "  accelerate launch --multi_gpu --num_processes 4 launch/predict.py recipes/cityscapes_unet.toml \\\n"
+        "      --checkpoint runs/cityscapes_unet data/cityscapes/leftImg8bit/test --out submission --format cityscapes",
     )
     p.add_argument("recipe", help="the recipe the checkpoint was trained with (or the run's recipe.toml)")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_GLOB",
-                   help="image files (any format PIL reads; gray, RGBA, palette and 16-bit become RGB) "
-                   "or quoted globs like 'photos/**/*.jpg'")
+    p.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_GLOB",
+                   help="image files (any format PIL reads; gray, RGBA, palette and 16-bit become RGB), "
+                   "folders (their image files, recursively) or quoted globs like 'photos/**/*.jpg'")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder (its best checkpoint, else the latest) or one checkpoints/step-N folder")
     p.add_argument("--out", required=True, metavar="DIR", help="folder the predictions are written into (created)")
+    p.add_argument("--format", dest="formats", action="append", default=None, metavar="F[,F...]",
+                   help="what to write per image (repeatable, or comma-separated): labels (<stem>.png class ids), color (<stem>_color.png), "
+                   "prob (<stem>_prob.npy), overlay (<stem>_overlay.png: image and colours blended), "
+                   "cityscapes (<frame>_pred_labelIds.png in Cityscapes label ids, for the benchmark server "
+                   "and evalPixelLevelSemanticLabeling; needs its own --out); default: labels color prob")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="resize each image to H W for the model (the training scale; the probabilities are "
                    "resized back); default: the image's own size, padded to a multiple of 32")
@@ -43,7 +57,7 @@ def main(argv=None) -> int:
     from segdist.recipe import load_recipe
 
     predict_files(load_recipe(args.recipe, args.overrides), args.checkpoint, args.images, args.out,
-                  args.size, args.threshold)
+                  args.size, args.threshold, args.formats)
     return 0
 
 

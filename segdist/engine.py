@@ -40,7 +40,7 @@ from segdist.optim import build_optimizer, build_scheduler
 from segdist.precision import Precision, resolve_precision
 from segdist.recipe import Recipe, parse_null
 from segdist.telemetry import StepMeter, flops_per_sample, peak_tflops
-from segdist.trainer import Trainer, TrainState
+from segdist.trainer import Trainer, TrainState, metrics_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -249,5 +249,5 @@ def report_finished(setup: Setup) -> dict | None:
     if setup.dist.is_main:
         print(f"{run_dir} already finished: checkpoint {setup.resume_from.name} is at train.steps = "
               f"{setup.recipe.train.steps}; nothing to do", flush=True)
-    metrics = run_dir / "metrics" / f"step-{setup.start_step}.json"
+    metrics = metrics_folder(run_dir, setup.start_step) / "metrics.json"
     return json.loads(metrics.read_text()) if metrics.is_file() else None

@@ -10,16 +10,19 @@ the manifest's valid-pixel total.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from segdist.data.manifest import Manifest
-from segdist.data.sample import padded_size
+from segdist.data.sample import decode_sample, pad_image, padded_size, read_shard
 from segdist.data.stream import EvalStream, eval_loader
 from segdist.errors import UserError
 from segdist.metrics import ConfusionMatrix, metrics_from_confusion
 from segdist.inference import InferenceMode, labels
 from segdist.preprocess import to_input
+from segdist.report import image_iou
 
 log = logging.getLogger("segdist")
 
@@ -39,11 +42,25 @@ def share_buffers(model: torch.nn.Module, accelerator) -> None:
 
 
 @torch.no_grad()
+def predict_sample(model: torch.nn.Module, image: np.ndarray, accelerator, mode: InferenceMode) -> np.ndarray:
+    """HxW label map of one HxWx3 uint8 image, predicted exactly as `evaluate` predicts a frame
+    (zero-padded to a multiple of 32, under the run's autocast, in `mode`); the model is in eval mode."""
+    h, w = image.shape[:2]
+    ph, pw = padded_size(h, w)
+    x = to_input(torch.from_numpy(pad_image(image))[None], accelerator.device)
+    with accelerator.autocast():
+        return labels(model, x[:, :, :ph, :pw], mode)[0, :h, :w].cpu().numpy()
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int, num_workers: int,
-             mode: InferenceMode | None = None) -> dict:
+             mode: InferenceMode | None = None, per_image: bool = False) -> dict:
     """Metrics of `model` on the whole split, identical for any world size; frames go through the
-    model as `mode` says (segdist.inference; default: whole frames, one pass)."""
+    model as `mode` says (segdist.inference; default: whole frames, one pass). With `per_image`
+    the metrics also hold `per_image_iou`: each sample's key → its own mean IoU
+    (segdist.report.image_iou), gathered from every rank."""
     mode = mode or InferenceMode()
+    image_ious: dict[str, float] = {}
     was_training = model.training
     model.eval()
     share_buffers(model, accelerator)
@@ -53,7 +70,7 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
                          pin_memory=accelerator.device.type == "cuda")
     cm = ConfusionMatrix(manifest.num_classes, manifest.ignore_index, accelerator.device)
     samples = 0
-    for _, images, masks, sizes in loader:
+    for keys, images, masks, sizes in loader:
         x, masks = to_input(images, accelerator.device), masks.to(accelerator.device, non_blocking=True)
         # Each frame at its own padded size: what a frame is batched with (which differs with the
         # world size) must not change its prediction (the padding is in the model's receptive field).
@@ -63,6 +80,9 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
             with accelerator.autocast():
                 pred = labels(model, x[part, :, :h, :w], mode)
             cm.update(pred, masks[part, :h, :w])
+            if per_image:
+                for key, p, t, (fh, fw) in zip(keys[part], pred.cpu().numpy(), masks[part].cpu().numpy(), sizes[part]):
+                    image_ious[key] = image_iou(t[:fh, :fw], p[:fh, :fw], manifest.num_classes, manifest.ignore_index)
         samples += len(masks)
     # The one collective: the matrix and the sample count, summed over ranks.
     n = manifest.num_classes
@@ -79,12 +99,28 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
             f"{metrics['valid_pixels']} valid pixels, the manifest says {manifest.num_samples} and "
             f"{manifest.valid_pixels}: the shards changed since conversion; run launch/shard.py verify"
         )
+    if per_image:
+        metrics["per_image_iou"] = _gather_dicts(image_ious, accelerator)
     model.train(was_training)
     return metrics
 
 
-def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: str | None = None) -> dict:
-    """`launch/eval.py`: load a checkpoint, evaluate a split on every rank, print, write JSON."""
+def _gather_dicts(part: dict, accelerator) -> dict:
+    if accelerator.num_processes == 1:
+        return dict(sorted(part.items()))
+    import torch.distributed as dist
+
+    parts: list = [None] * accelerator.num_processes
+    dist.all_gather_object(parts, part)
+    return dict(sorted((k, v) for p in parts for k, v in p.items()))
+
+
+def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: str | None = None,
+                        report_dir: str | None = None, show: int = 0) -> dict:
+    """`launch/eval.py`: load a checkpoint, evaluate a split on every rank, print, write the JSON
+    (`out`), the report folder (`report_dir`: segdist.report.write_report) and strips of the
+    `show` worst samples into it."""
+    from segdist import report
     from segdist.data.manifest import load_manifest
     from segdist.distributed import make_accelerator, setup_logging
     from segdist.fileio import atomic_write_json
@@ -92,19 +128,26 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
     from segdist.models import load_trained
     from segdist.precision import resolve_precision
 
+    if show < 0:
+        raise UserError(f"--show must be a number of samples >= 0, got {show}")
+    if show and report_dir is None:
+        raise UserError("--show N writes its strips into the report folder: give --report DIR too")
     manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
     # Training chose `best` by the EMA copy's mIoU: load_trained prefers the same weights.
     model, info = load_trained(recipe, checkpoint, manifest)
     path = info.checkpoint
     if out is not None and not _writable_parent(out):
         raise UserError(f"--out {out}: its folder does not exist or is not writable")
+    if report_dir is not None and not _writable_parent(Path(report_dir) / "metrics.json", create=True):
+        raise UserError(f"--report {report_dir}: it is not a folder that can be created and written")
     accelerator = make_accelerator(resolve_precision(recipe.train.precision))
     setup_logging(accelerator.is_main_process)
     model.to(accelerator.device)
     mode = InferenceMode.from_recipe(recipe)
     log.info("evaluating %s on split %r (%d samples) with %d processes; %s",
              path, manifest.split, manifest.num_samples, accelerator.num_processes, mode.describe())
-    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers, mode)
+    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers, mode,
+                       per_image=bool(show))
     metrics["checkpoint"] = str(path)
     if accelerator.is_main_process:
         print(format_table(metrics, manifest.classes), flush=True)
@@ -112,13 +155,46 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
               f"{metrics['valid_pixels']} valid pixels ({accelerator.num_processes} processes)", flush=True)
         if out is not None:
             atomic_write_json(out, metrics)
+        if report_dir is not None:
+            report.write_report(report_dir, metrics, manifest.classes)
+            if show:
+                write_worst(Path(report_dir), model.eval(), manifest, metrics["per_image_iou"], show, accelerator, mode)
+            print(f"report in {report_dir}", flush=True)
     accelerator.end_training()
     return metrics
 
 
-def _writable_parent(out: str) -> bool:
+def write_worst(folder: Path, model, manifest: Manifest, image_ious: dict, count: int, accelerator,
+                mode: InferenceMode) -> list[Path]:
+    """`worst-<i>-<key>.png` in `folder` for the `count` samples of lowest per-image IoU (ties by
+    key): input | truth | prediction | errors, predicted again as evaluation predicted them."""
+    from segdist import report
+
+    worst = sorted(image_ious, key=lambda k: (image_ious[k], k))[:count]
+    rank = {key: i for i, key in enumerate(worst)}
+    written = []
+    for shard in manifest.shard_paths():
+        for sample in read_shard(shard):
+            if sample["__key__"] not in rank:
+                continue
+            key, image, mask = decode_sample(sample, manifest.num_classes, manifest.ignore_index)
+            pred = predict_sample(model, image, accelerator, mode)
+            name = f"worst-{rank[key] + 1:0{len(str(count))}d}-{key.replace('/', '_')}.png"
+            report.write_png(folder / name, report.strip(image, mask, pred, manifest.palette, manifest.ignore_index,
+                                                        errors=True))
+            written.append(folder / name)
+    log.info("the %d worst samples by per-image IoU (%s) drawn in %s", len(worst),
+             ", ".join(f"{k} {image_ious[k]:.3f}" for k in worst[:5]) + (", ..." if len(worst) > 5 else ""), folder)
+    return written
+
+
+def _writable_parent(out: str | Path, create: bool = False) -> bool:
+    """Whether `out` can be written: its folder exists and is writable, or (`create`) the nearest
+    existing folder above it is."""
     import os
-    from pathlib import Path
 
     parent = Path(out).resolve().parent
+    if create:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     return parent.is_dir() and os.access(parent, os.W_OK)

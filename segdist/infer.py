@@ -329,7 +329,7 @@ def write_prediction(predictor: Predictor, prob: np.ndarray, out: Path, stem: st
     needed for overlay."""
     from segdist.data.shards import encode_png
     from segdist.fileio import atomic_write_bytes
-    from segdist.tblog import colorize
+    from segdist.report import colorize
 
     names = output_names(stem, predictor.binary, formats)
     stored = prob.astype(np.float32 if predictor.binary else np.float16)

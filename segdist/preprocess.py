@@ -1,7 +1,7 @@
 """What every model of segdist sees: uint8 RGB normalised on the device with the ImageNet mean and
-std (the statistics smp's and timm's pretrained encoders were trained with), and the label map a
-model's output means. Training, evaluation, TensorBoard strips, prediction and the benches all
-go through these, so a model never sees two kinds of input."""
+std (the statistics smp's and timm's pretrained encoders were trained with). Training, evaluation,
+TensorBoard strips, prediction and the benches all go through these, so a model never sees two
+kinds of input; what its output means is segdist.inference's."""
 
 from __future__ import annotations
 
@@ -21,9 +21,3 @@ def to_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     than shipping floats from the loader workers)."""
     return normalise(images.to(device, non_blocking=True).permute(0, 3, 1, 2).float())
 
-
-def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Label map from NxKxHxW logits: argmax, or logit > 0 for a single-logit (binary) model."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).to(torch.int64)
-    return logits.argmax(dim=1)

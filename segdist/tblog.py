@@ -1,4 +1,5 @@
-"""TensorBoard on the main process: scalars and input | truth | prediction image strips."""
+"""TensorBoard on the main process: scalars, text, figures and input | truth | prediction strips
+(drawn by segdist.report)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def colorize(mask: np.ndarray, palette: list[list[int]], ignore_index: int) -> np.ndarray:
-    """HxW label map → HxWx3 uint8 using the dataset palette; ignore pixels white."""
-    lut = np.zeros((max(256, ignore_index + 1, len(palette)), 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    lut[ignore_index] = 255
-    return lut[np.clip(mask, 0, len(lut) - 1)]
 
 
 class TensorBoard:
@@ -37,12 +30,16 @@ class TensorBoard:
 
     def strip(self, tag: str, image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
               palette: list[list[int]], ignore_index: int, step: int) -> None:
-        if self.writer is None:
-            return
-        row = np.concatenate(
-            [image, colorize(truth, palette, ignore_index), colorize(pred, palette, ignore_index)], axis=1
-        )
-        self.writer.add_image(tag, torch.from_numpy(row).permute(2, 0, 1), step)
+        """input | truth | prediction, each panel at least report.MIN_PANEL pixels high."""
+        if self.writer is not None:
+            from segdist.report import strip
+
+            self.image(tag, strip(image, truth, pred, palette, ignore_index), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An HxWx3 uint8 image (a strip or a figure from segdist.report)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), step)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from segdist import report
 from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, restore, save_checkpoint, set_rng_state
 from segdist.data.manifest import Manifest
-from segdist.data.sample import decode_sample, pad_image, read_shard
+from segdist.data.sample import decode_sample, read_shard
 from segdist.data.stream import TrainStream, train_loader
 from segdist.errors import TrainingDiverged
-from segdist.evaluate import evaluate
-from segdist.fileio import atomic_write_json, atomic_write_text
+from segdist.evaluate import evaluate, predict_sample
+from segdist.fileio import atomic_write_text
 from segdist.inference import InferenceMode
 from segdist.metrics import format_table
-from segdist.preprocess import labels_from_logits, to_input
 from segdist.recipe import Recipe, dumps_toml
 from segdist.step import StepOutcome, train_step
 from segdist.tblog import TensorBoard
@@ -198,9 +198,9 @@ class Trainer:
         metrics = evaluate(model, manifest, self.accelerator, self.r.eval.batch_size, self.r.eval.num_workers,
                            self.inference)
         log_eval(self.tb, metrics, manifest, step)
-        draw_samples(self.tb, model, self.shown, manifest, self.accelerator, step)
+        draw_samples(self.tb, model, self.shown, manifest, self.accelerator, step, self.inference)
         if self.accelerator.is_main_process:
-            atomic_write_json(self.run_dir / "metrics" / f"step-{step}.json", metrics)
+            report_eval(self.tb, metrics_folder(self.run_dir, step), metrics, manifest.classes, step)
         return metrics
 
     def checkpoint(self, step: int, metrics: dict | None, force: bool = False) -> None:
@@ -323,6 +323,22 @@ def fixed_samples(manifest: Manifest, count: int) -> list:
     return out
 
 
+def metrics_folder(run_dir: Path, step: int) -> Path:
+    """Where the evaluation at `step` leaves its report (segdist.report.write_report)."""
+    return Path(run_dir) / "metrics" / f"step-{step}"
+
+
+def report_eval(tb: TensorBoard, folder: Path, metrics: dict, classes: list[str], step: int) -> None:
+    """The main process's report of an evaluation: its folder (segdist.report) and TensorBoard's
+    confusion figure, per-class IoU chart and per-class table."""
+    confusion = report.confusion_figure(metrics["confusion_matrix"], classes)
+    report.write_report(folder, metrics, classes, confusion)
+    tb.image("val/confusion", confusion, step)
+    tb.image("val/per_class_iou", report.iou_bar_chart(metrics, classes), step)
+    tb.text("val/per_class", report.per_class_markdown(metrics, classes), step)
+    tb.flush()
+
+
 def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> None:
     tb.scalar("val/mIoU", metrics["miou"], step)
     tb.scalar("val/pixel_accuracy", metrics["pixel_accuracy"], step)
@@ -333,15 +349,14 @@ def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> N
 
 
 @torch.no_grad()
-def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator, step: int) -> None:
+def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator, step: int,
+                 mode: InferenceMode) -> None:
+    """input | truth | prediction strips of the fixed samples, predicted as evaluation predicts."""
     if not shown:
         return
     was_training = model.training
     model.eval()
     for i, (key, image, mask) in enumerate(shown):
-        h, w = mask.shape
-        with accelerator.autocast():
-            logits = model(to_input(torch.from_numpy(pad_image(image))[None], accelerator.device))
-        pred = labels_from_logits(logits.float())[0, :h, :w].cpu().numpy()
+        pred = predict_sample(model, image, accelerator, mode)
         tb.strip(f"val/sample_{i}", image, mask, pred, manifest.palette, manifest.ignore_index, step)
     model.train(was_training)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import ROOT
 from segdist.bench import build_parser
+from segdist.precision import resolve_precision
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message is for machines without CUDA")
@@ -26,7 +27,8 @@ def test_the_same_checks_run_on_the_cpu(capsys, monkeypatch):
     assert args.run(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bench gpu on ") and "CPU" in out[0]
-    assert out[1].startswith("1. train step: demo, batch 4 at 32x32, fp32")
+    # "auto" precision: bf16 on a CPU with AMX or AVX512-BF16, fp32 on the others.
+    assert out[1].startswith(f"1. train step: demo, batch 4 at 32x32, {resolve_precision('auto').name};")
     assert re.fullmatch(r"eager\s+[\d.]+\s+[\d.]+\s+\d+\.\d{3}\s+n/a", out[3])  # no MFU without a GPU's peak
     assert re.fullmatch(r"2\. exact count: 1 label maps of 1024x2048, 19 classes, \d+ valid pixels counted on cpu "
                         r"and on the CPU from the same predictions: identical matrices", out[4])

@@ -39,7 +39,15 @@ def test_two_processes_train_evaluate_checkpoint_and_log(tiny_recipe, tmp_path):
                 "val/IoU/circle", "val/IoU/square", "val/IoU/triangle"):
         assert tag in found["scalars"], tag
     assert "val/sample_0" in found["images"] and "val/sample_1" in found["images"]
-    assert (run / "recipe.toml").is_file() and (run / "metrics" / "step-4.json").is_file()
+    assert "val/confusion" in found["images"] and "val/per_class_iou" in found["images"]
+    assert "val/per_class/text_summary" in found["tensors"]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Images("val/sample_0")[-1].height >= 256  # 32 px samples upscaled to be readable
+    assert (run / "recipe.toml").is_file()
+    for step in (2, 4):  # every evaluation leaves its report
+        assert {p.name for p in (run / "metrics" / f"step-{step}").iterdir()} == {
+            "metrics.json", "per_class.csv", "per_class.md", "confusion.png"}
 
 
 @pytest.mark.slow

@@ -16,12 +16,13 @@ from segdist.data.manifest import load_manifest
 from segdist.preprocess import MEAN, STD
 from segdist.models import build_model
 from segdist.recipe import load_recipe
+from segdist.report import image_iou
 from safetensors.torch import load_file
 
 
-def count_one_at_a_time(manifest, predict) -> np.ndarray:
+def count_one_at_a_time(manifest, predict, per_image: dict | None = None) -> np.ndarray:
     """Decode every sample with PIL, predict one at a time (`predict`: normalised 1x3xHxW -> 1xHxW
-    labels), count with numpy."""
+    labels), count with numpy; `per_image` gets each key's own IoU."""
     cm = np.zeros((4, 4), dtype=np.int64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -38,16 +39,18 @@ def count_one_at_a_time(manifest, predict) -> np.ndarray:
                     pred = predict(x)[0].numpy()
                 valid = mask != 255
                 np.add.at(cm, (mask[valid], pred[valid]), 1)
+                if per_image is not None:
+                    per_image[key] = image_iou(mask, pred, 4, 255)
     finally:
         torch.set_num_threads(threads)
     return cm
 
 
-def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
+def numpy_reference(recipe_path, checkpoint, manifest, per_image: dict | None = None) -> np.ndarray:
     model = build_model(load_recipe(recipe_path).model, 4)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     model.eval()
-    return count_one_at_a_time(manifest, lambda x: model(x).argmax(1))
+    return count_one_at_a_time(manifest, lambda x: model(x).argmax(1), per_image)
 
 
 @pytest.mark.slow
@@ -55,12 +58,15 @@ def numpy_reference(recipe_path, checkpoint, manifest) -> np.ndarray:
 def test_eval_is_exact_for_any_world_size(trained_run, tmp_path, split, worlds):
     recipe, run = trained_run
     manifest = load_manifest(load_recipe(recipe).data.root, split)
-    reference = numpy_reference(recipe, resolve_checkpoint(run), manifest)
+    per_image = {}
+    reference = numpy_reference(recipe, resolve_checkpoint(run), manifest, per_image)
     assert reference.sum() == manifest.valid_pixels
     for world in worlds:
         out = tmp_path / f"m{world}.json"
+        report = tmp_path / f"report{world}"
+        shown = ["--report", str(report), "--show", "3"] if world == 2 else []
         result = launch("eval.py", [str(recipe), "--checkpoint", str(run), "--split", split, "--out", str(out),
-                                    "--set", "eval.batch_size=1"], nproc=world)
+                                    "--set", "eval.batch_size=1", *shown], nproc=world)
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = json.loads(out.read_text())
         assert metrics["world_size"] == world
@@ -68,6 +74,14 @@ def test_eval_is_exact_for_any_world_size(trained_run, tmp_path, split, worlds):
         assert metrics["valid_pixels"] == manifest.valid_pixels
         assert np.array_equal(np.array(metrics["confusion_matrix"], dtype=np.int64), reference), world
         assert "mIoU" in result.stdout
+        if shown:  # the report, and the worst samples by per-image IoU gathered from both ranks
+            assert metrics["per_image_iou"] == pytest.approx(per_image, abs=1e-12)
+            worst = sorted(per_image, key=lambda k: (per_image[k], k))[:3]
+            assert sorted(p.name for p in report.iterdir()) == sorted(
+                ["metrics.json", "per_class.csv", "per_class.md", "confusion.png"]
+                + [f"worst-{i + 1}-{key}.png" for i, key in enumerate(worst)])
+            strip = np.asarray(Image.open(report / f"worst-1-{worst[0]}.png"))
+            assert strip.shape == (256, 4 * 256 + 3 * 4, 3)  # input | truth | prediction | errors, 32 px x 8
 
 
 def test_eval_of_missing_checkpoint_exits_2(tiny_recipe, tmp_path):
@@ -84,7 +98,7 @@ def test_eval_during_training_equals_eval_of_the_saved_checkpoint(tiny_recipe, t
                                  "--set", "log.images=0"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
-    during = json.loads((run / "metrics" / "step-3.json").read_text())
+    during = json.loads((run / "metrics" / "step-3" / "metrics.json").read_text())
     out = tmp_path / "after.json"
     after = launch("eval.py", [str(tiny_recipe), "--checkpoint", str(run / "checkpoints" / "step-3"),
                                "--out", str(out)], nproc=2)
@@ -154,3 +168,14 @@ def test_a_frame_is_predicted_alike_whatever_it_is_batched_with(tmp_path):
         one = evaluate(model, manifest, accelerator, 1, 0, mode)
         many = evaluate(model, manifest, accelerator, 5, 0, mode)
         assert one["confusion_matrix"] == many["confusion_matrix"] and one["valid_pixels"] == manifest.valid_pixels
+
+
+def test_show_needs_a_report_folder(tiny_recipe, tmp_path):
+    from segdist.errors import UserError
+    from segdist.evaluate import evaluate_checkpoint
+
+    with pytest.raises(UserError, match="--report DIR"):
+        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), show=3)
+    with pytest.raises(UserError, match="--show must be"):
+        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), report_dir=str(tmp_path / "r"), show=-1)
+    assert not (tmp_path / "r").exists()

@@ -121,7 +121,7 @@ def test_binary_recipe_trains_with_ema_and_counts_exactly(binary_root, tmp_path)
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     assert len(losses) == 12 and np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses  # it learns
-    metrics = json.loads((run / "metrics" / "step-12.json").read_text())
+    metrics = json.loads((run / "metrics" / "step-12" / "metrics.json").read_text())
 
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import decode_sample, read_shard

@@ -1,16 +1,9 @@
-"""TensorBoard on the main process: scalars, text and image strips as TensorBoard reads them."""
+"""TensorBoard on the main process: scalars, text, figures and image strips as TensorBoard reads them."""
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segdist.tblog import TensorBoard, colorize
-
-
-def test_colorize_uses_the_palette_and_whitens_ignored_pixels():
-    mask = np.array([[0, 1], [2, 255]], dtype=np.uint8)
-    out = colorize(mask, [[0, 0, 0], [255, 0, 0], [0, 255, 0]], 255)
-    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
-    assert out[0, 1].tolist() == [255, 0, 0] and out[1, 0].tolist() == [0, 255, 0] and out[1, 1].tolist() == [255] * 3
+from segdist.tblog import TensorBoard
 
 
 def test_the_main_process_writes_what_tensorboard_reads(tmp_path):
@@ -21,6 +14,7 @@ def test_the_main_process_writes_what_tensorboard_reads(tmp_path):
     image = np.zeros((4, 5, 3), dtype=np.uint8)
     mask = np.ones((4, 5), dtype=np.uint8)
     tb.strip("val/sample_0", image, mask, mask, [[0, 0, 0], [9, 9, 9]], 255, 3)
+    tb.image("val/confusion", np.zeros((6, 7, 3), dtype=np.uint8), 3)
     tb.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
@@ -28,7 +22,10 @@ def test_the_main_process_writes_what_tensorboard_reads(tmp_path):
     assert "train/skipped" not in events.Tags()["scalars"]
     assert events.Tensors("run/precision/text_summary")[0].tensor_proto.string_val == [b"fp32: no native bf16"]
     strip = events.Images("val/sample_0")[0]
-    assert (strip.width, strip.height) == (15, 4)  # input | truth | prediction side by side
+    # input | truth | prediction side by side, 4x5 panels upscaled 64x to be readable, 4 px gaps
+    assert (strip.width, strip.height) == (3 * 320 + 2 * 4, 256)
+    figure = events.Images("val/confusion")[0]
+    assert (figure.width, figure.height) == (7, 6)
 
 
 def test_other_ranks_write_nothing(tmp_path):

@@ -6,7 +6,7 @@ DeepLabV3Plus, Segformer, ...) and ours in lowercase. `model.arch_args` passes f
 arguments to the constructor; names the constructor does not take fail with the list it does.
 A name that matches only when the case is ignored ("UNet") fails with the names it could mean.
 `classes = 1` builds a one-logit binary model (sigmoid, threshold 0 in
-segdist.preprocess.labels_from_logits).
+segdist.inference.labels).
 """
 
 from __future__ import annotations

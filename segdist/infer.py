@@ -355,7 +355,7 @@ def write_prediction(predictor: Predictor, prob: np.ndarray, out: Path, stem: st
     return [out / name for name in files]
 
 
-def _agree_on_inputs(paths: list[Path], accelerator) -> None:
+def _agree_on_inputs(paths: list[Path], world: int) -> None:
     """Decode this rank's share of the inputs; if any rank's share holds a bad file, every rank
     raises the first one's error (so the main process prints it) before anything is written."""
     error = None
@@ -364,10 +364,10 @@ def _agree_on_inputs(paths: list[Path], accelerator) -> None:
             read_image(path)
     except UserError as exc:
         error = str(exc)
-    if accelerator.num_processes > 1:
+    if world > 1:
         import torch.distributed as dist
 
-        errors: list[str | None] = [None] * accelerator.num_processes
+        errors: list[str | None] = [None] * world
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e is not None), None)
     if error is not None:
@@ -399,27 +399,31 @@ def predict_files(recipe, checkpoint: str, inputs: Sequence[str], out: str, size
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     out_dir = Path(out)
     _check_outputs(paths, out_dir.resolve(), predictor.binary, formats)
-    # Prediction runs in fp32 (as evaluation's forward does); the Accelerator forms the process
-    # group of a multi-process launch and picks this process's device.
-    accelerator = make_accelerator(resolve_precision("fp32"))
-    predictor.model.to(accelerator.device)
-    predictor.device = accelerator.device
-    mine = paths[accelerator.process_index:: accelerator.num_processes]
-    _agree_on_inputs(mine, accelerator)
+    # Prediction runs in fp32. A multi-process launch gets an Accelerator, which forms the process
+    # group and picks this process's device; one process needs none (and makes none, so the
+    # Python API leaves the interpreter's AcceleratorState alone).
+    accelerator = make_accelerator(resolve_precision("fp32")) if launch_context().world > 1 else None
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else default_device()
+    predictor.model.to(device)
+    predictor.device = device
+    mine = paths[rank::world]
+    _agree_on_inputs(mine, world)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("predicting %d image(s) with %s on %d %s process(es) (%s: %s), formats %s", len(paths),
-             predictor.checkpoint, accelerator.num_processes, predictor.device.type,
+             predictor.checkpoint, world, predictor.device.type,
              "binary" if predictor.binary else f"{predictor.outputs} classes",
              ", ".join(predictor.classes[:8]) + (", ..." if len(predictor.classes) > 8 else ""), ", ".join(formats))
     written: list[Path] = []
-    for path in tqdm(mine, desc="predict", unit="img", disable=None if accelerator.is_main_process else True):
+    for path in tqdm(mine, desc="predict", unit="img", disable=None if rank == 0 else True):
         rgb = read_image(path)
         prob = predictor.predict_probabilities(rgb, size)
         written += write_prediction(predictor, prob, out_dir, path.stem, threshold, formats, rgb)
-    # Every rank is done (and says how many it wrote) before the main process reports.
-    shares = accelerator.gather(torch.tensor([len(mine)], device=accelerator.device)).tolist()
-    if accelerator.is_main_process:
-        split = f"{accelerator.num_processes} processes: {' + '.join(map(str, shares))}" if len(shares) > 1 else "1 process"
+    split = "1 process"
+    if accelerator is not None:  # every rank is done (and says how many it wrote) before rank 0 reports
+        shares = accelerator.gather(torch.tensor([len(mine)], device=device)).tolist()
+        split = f"{world} processes: {' + '.join(map(str, shares))}"
+        accelerator.end_training()
+    if rank == 0:
         print(f"wrote predictions of {len(paths)} image(s) to {out_dir} ({split})", flush=True)
-    accelerator.end_training()
     return written

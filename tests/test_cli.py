@@ -15,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-NAMES = ["train", "eval", "predict", "shard", "bench"]
+NAMES = ["train", "eval", "predict", "shard", "bench", "export"]
 
 
 def test_every_command_is_a_console_script_of_its_cli_module():

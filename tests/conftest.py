@@ -17,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test starts without an AcceleratorState: one a test made in this process (a bench run
+    in-process, say) would fix the mixed precision for every later test, and "auto" differs by
+    machine (bf16 on a CPU with AMX, fp32 on others)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def launch_command(script: str, args: list[str], nproc: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
     """(argv, environment) that run launch/<script> with `nproc` real processes."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}

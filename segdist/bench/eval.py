@@ -7,11 +7,20 @@ demo recipe's UNet (random weights: the speed does not depend on them), in this 
 process: the all-reduce is a no-op here; launched with several processes it is the real one).
 The update and the all-reduce are timed by wrapping them for the bench's run; on a GPU each timed
 call synchronises first, so the share is of work done, not of work queued.
+
+`--processes 1 2` converts the frames once and launches the bench once per world size
+(`accelerate launch --multi_gpu` for several: gloo on CPUs, NCCL on GPUs); each rank evaluates
+its share, and the table gives the split's samples/s and the shares of rank 0's wall time: the
+update, the all-reduce itself, and the wait at a barrier just before it for the slower rank to
+finish its share (load imbalance, not the collective's cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +38,21 @@ def add_parser(sub) -> None:
     p.add_argument("--size", type=int, default=256, help="side of the converted frames (default 256)")
     p.add_argument("--crop", type=int, default=128, help="slide window side (default 128; stride two thirds of it)")
     p.add_argument("--batch-size", type=int, default=8, help="frames (and slide windows) per batch (default 8)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
+                   help="world sizes to launch the bench with, one after the other (e.g. 1 2); default: this process")
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a launched child's rows, as JSON
     p.set_defaults(run=run)
 
 
 class Timed:
     """Wall seconds spent in one callable, synchronising the device before each clock read."""
 
-    def __init__(self, fn, device: torch.device) -> None:
+    def __init__(self, fn, device: torch.device, barrier: bool = False) -> None:
         self.fn, self.device, self.seconds = fn, device, 0.0
+        self.barrier, self.waited = barrier, 0.0
+        """With `barrier`: first wait (timed apart, in `waited`) for the other ranks to arrive, so
+        that `seconds` is the collective itself, not a slower rank's lag."""
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -45,6 +60,10 @@ class Timed:
 
     def __call__(self, *args, **kwargs):
         self._sync()
+        if self.barrier:
+            start = time.perf_counter()
+            torch.distributed.barrier()
+            self.waited += time.perf_counter() - start
         start = time.perf_counter()
         out = self.fn(*args, **kwargs)
         self._sync()
@@ -53,7 +72,22 @@ class Timed:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("count", "size", "crop", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.processes:
+        return run_launched(args)
     from segdist.bench.scale import convert_shapes
+
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-eval-") as tmp:
+        root = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            convert_shapes(root, 8, [args.size, args.size], 5, val_count=args.count)
+        return measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: Path) -> int:
+    """The three modes in this process (one rank of a launched bench)."""
     from segdist.data.manifest import load_manifest
     from segdist.distributed import make_accelerator
     from segdist.evaluate import evaluate
@@ -63,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from segdist.precision import detect_hardware, resolve_precision
     from segdist.recipe import ModelConfig
 
-    for name in ("count", "size", "crop", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     precision = resolve_precision("auto")
     accelerator = make_accelerator(precision, 1)
     torch.set_num_threads(args.threads)
@@ -78,28 +109,76 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(ModelConfig(arch="unet", encoder=None, encoder_weights=None,
                                     arch_args={"width": 16, "depth": 4}), 5).to(accelerator.device).eval()
     rows = []
+    manifest = load_manifest(root, "val")
+    original_update, original_reduce = ConfusionMatrix.update, accelerator.reduce
+    for name, mode in variants.items():
+        update = Timed(original_update, accelerator.device)
+        reduce = Timed(original_reduce, accelerator.device, barrier=accelerator.num_processes > 1)
+        ConfusionMatrix.update = lambda self, pred, target, _timed=update: _timed(self, pred, target)
+        accelerator.reduce = reduce
+        try:
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            metrics = evaluate(model, manifest, accelerator, args.batch_size, 0, mode)
+            wall = time.perf_counter() - start
+        finally:
+            ConfusionMatrix.update, accelerator.reduce = original_update, original_reduce
+        rows.append((name, accelerator.num_processes, metrics["num_samples"] / wall, update.seconds / wall,
+                     reduce.seconds / wall, reduce.waited / wall))
+    if accelerator.is_main_process:
+        if args.result:
+            Path(args.result).write_text(json.dumps({"rows": rows, "precision": precision.name,
+                                                     "samples": manifest.num_samples}))
+        else:
+            print(header(args, manifest.num_samples, precision.name, [accelerator.num_processes],
+                         detect_hardware().describe()))
+            print(table(rows))
+    accelerator.end_training()
+    return 0
+
+
+def run_launched(args: argparse.Namespace) -> int:
+    """Convert once, launch once per world size, one table."""
+    from segdist.bench.scale import convert_shapes
+    from segdist.distributed import launch_command
+    from segdist.precision import detect_hardware
+
+    if min(args.processes) < 1:
+        raise UserError(f"--processes: world sizes must be >= 1, got {args.processes}")
+    script = str(Path(__file__).resolve().parents[2] / "launch" / "bench.py")
+    rows, precision, samples = [], None, None
     with tempfile.TemporaryDirectory(prefix="segdist-bench-eval-") as tmp:
         root = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             convert_shapes(root, 8, [args.size, args.size], 5, val_count=args.count)
-        manifest = load_manifest(root, "val")
-        original_update, original_reduce = ConfusionMatrix.update, accelerator.reduce
-        for name, mode in variants.items():
-            update, reduce = Timed(original_update, accelerator.device), Timed(original_reduce, accelerator.device)
-            ConfusionMatrix.update = lambda self, pred, target, _timed=update: _timed(self, pred, target)
-            accelerator.reduce = reduce
-            try:
-                start = time.perf_counter()
-                metrics = evaluate(model, manifest, accelerator, args.batch_size, 0, mode)
-                wall = time.perf_counter() - start
-            finally:
-                ConfusionMatrix.update, accelerator.reduce = original_update, original_reduce
-            rows.append((name, metrics["num_samples"] / wall, update.seconds / wall, reduce.seconds / wall))
-    print(f"eval throughput: {manifest.num_samples} frames of {args.size}x{args.size}, demo UNet, {precision.name}, "
-          f"batch {args.batch_size}, slide window {args.crop} stride {stride[0]}, {accelerator.num_processes} "
-          f"process(es), {args.threads} thread(s); {detect_hardware().describe()}")
-    print(f"{'mode':<14} {'samples/s':>10} {'update share':>13} {'all-reduce share':>17}")
-    for name, rate, update_share, reduce_share in rows:
-        print(f"{name:<14} {rate:>10.1f} {100 * update_share:>12.2f}% {100 * reduce_share:>16.2f}%")
-    accelerator.end_training()
+        for n in args.processes:
+            result = Path(tmp) / f"world{n}.json"
+            child = ["eval", "--data", str(root), "--size", str(args.size), "--crop", str(args.crop),
+                     "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--result", str(result)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            done = subprocess.run(launch_command(script, child, n), env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not result.exists():
+                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"bench eval with {n} process(es) failed (exit {done.returncode}): {tail}")
+            figures = json.loads(result.read_text())
+            rows += [tuple(r) for r in figures["rows"]]
+            precision, samples = figures["precision"], figures["samples"]
+    print(header(args, samples, precision, args.processes, detect_hardware().describe()))
+    print(table(rows))
     return 0
+
+
+def header(args, samples: int, precision: str, worlds, machine: str) -> str:
+    stride = max(1, 2 * args.crop // 3)
+    return (f"eval throughput: {samples} frames of {args.size}x{args.size}, demo UNet, {precision}, "
+            f"batch {args.batch_size}, slide window {args.crop} stride {stride}, {', '.join(map(str, worlds))} "
+            f"process(es), {args.threads} thread(s) each; {machine}")
+
+
+def table(rows) -> str:
+    lines = [f"{'mode':<14} {'processes':>9} {'samples/s':>10} {'update share':>13} {'all-reduce share':>17} "
+             f"{'rank wait share':>16}"]
+    for name, world, rate, update_share, reduce_share, wait_share in rows:
+        lines.append(f"{name:<14} {world:>9} {rate:>10.1f} {100 * update_share:>12.2f}% {100 * reduce_share:>16.2f}% "
+                     f"{100 * wait_share:>15.2f}%")
+    return "\n".join(lines)

@@ -299,12 +299,22 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise UserError(f"recipe {path}: [{section}] must be a table")
-        raw[section][key] = value
+        table, *inner = key.split(".")
+        target, where = raw[section], f"{section}.{table}"
+        for name in inner:  # a key inside a table-valued key: data.augment_args.scale=[0.5, 2.0]
+            node = target.setdefault(table, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {where} is {node!r}, not a table, so it has no key {name!r}; "
+                                f"set it whole: --set {where}=...")
+            target, table, where = node, name, f"{where}.{name}"
+        target[table] = value
     return recipe_from_dict(raw, source=str(path))
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
-    """`section.key=value` → (section, key, value); the value is read as TOML, else a string."""
+    """`section.key=value` → (section, key, value); the value is read as TOML, else a string. The
+    key may go on into a table-valued key (`data.augment_args.scale`: key "augment_args.scale"),
+    at any depth; the other entries of that table stay as the recipe has them."""
     name, sep, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not section or not key:

@@ -67,6 +67,10 @@ def test_source_split_option_names_the_output_freely(tmp_path):
     shard("ade20k", "--root", tmp_path / "ade", "--split", "holdout", "--source-split", "validation", "--out", tmp_path / "out")
     manifest, samples = read_split(tmp_path / "out", "holdout")
     assert list(samples) == ["ADE_val_00000001"] and manifest["source"]["images"] == "images/validation"
+    # The official folder's name as the split's name.
+    shard("ade20k", "--root", tmp_path / "ade", "--split", "validation", "--out", tmp_path / "out")
+    manifest, samples = read_split(tmp_path / "out", "validation")
+    assert list(samples) == ["ADE_val_00000001"] and manifest["source"]["images"] == "images/validation"
 
 
 def test_workers_give_identical_bytes(tmp_path):

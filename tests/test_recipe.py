@@ -56,6 +56,19 @@ def test_bad_recipes_name_the_key(tmp_path, text, needle):
     assert needle in str(err.value)
 
 
+def test_nested_overrides_change_one_entry_of_a_table(tmp_path):
+    base = ROOT / "recipes" / "cityscapes_deeplabv3plus_r50.toml"
+    before = load_recipe(base).data.augment_args
+    r = load_recipe(base, ["data.augment_args.scale=[0.75, 1.5]", "model.arch_args.deep.er=3",
+                           "data.augment_args.hue=0.1"])
+    assert r.data.augment_args == {**before, "scale": [0.75, 1.5], "hue": 0.1}
+    assert r.model.arch_args["deep"] == {"er": 3}  # created at any depth (the model builder checks the names)
+    with pytest.raises(UserError, match=r"data.augment_args.hue is 0.05, not a table.*--set data.augment_args.hue="):
+        load_recipe(base, ["data.augment_args.hue.x=1"])
+    with pytest.raises(UserError, match="train.steps"):
+        load_recipe(base, ["train.steps.x=1"])
+
+
 def test_bad_override_syntax(tmp_path):
     with pytest.raises(UserError, match="section.key=value"):
         parse_override("steps=3")

@@ -4,7 +4,7 @@ Annotation value 0 is "other objects" and is not scored by the benchmark, so it 
 ignore index; value k (1..150) becomes train id k-1. Layout read:
 `<root>/images/<folder>/*.jpg` with `<root>/annotations/<folder>/*.png`, where the source folder
 is `training` or `validation` (`--source-split`; by default train → training, val → validation,
-so `--split` can name the output split freely).
+and training / validation are themselves; so `--split` can name the output split freely).
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ def _by_stem(folder: Path, suffix: str) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     check_converter_options(args)
-    folder = args.source_split or SOURCE_SPLITS.get(args.split)
+    # The official folder names are split names too: --split validation reads images/validation.
+    folder = args.source_split or SOURCE_SPLITS.get(args.split, args.split if args.split in SOURCE_SPLITS.values() else None)
     if folder is None:
-        raise UserError(f"--split {args.split!r} has no default source folder: add --source-split training or validation")
+        raise UserError(f"--split {args.split!r} has no default source folder: use train, val, training or validation, "
+                        "or add --source-split training or validation")
     root = require_dir(Path(args.root), LAYOUT)
     images = require_dir(root / "images" / folder, LAYOUT)
     masks = require_dir(root / "annotations" / folder, LAYOUT)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,30 @@ def test_ph2_layout_with_pair_regex(tmp_path):
         assert meta["image"] == f"{key}/{key}_Dermoscopic_Image/{key}.bmp" and meta["source_format"] == "BMP"
     assert manifest["class_pixels"] == totals.tolist()
     assert manifest["options"]["binary_threshold"] == 127 and manifest["options"]["pair"] == r"(?P<key>IMD\d+)"
+
+
+def test_keys_file_cuts_a_split_and_names_bad_keys(tmp_path):
+    images, _ = make_ph2(tmp_path / "PH2Dataset")
+    args = ph2_args(tmp_path / "PH2Dataset")
+    keys = tmp_path / "test.txt"
+    keys.write_text("# notebook 001's test split\nIMD010\n\nIMD002  # first case\n")
+    assert shard("folder", *args, "--keys-file", keys, "--split", "test", "--out", tmp_path / "out") == 0
+    manifest, samples = read_split(tmp_path / "out", "test")
+    assert sorted(samples) == ["IMD002", "IMD010"] and manifest["options"]["keys_file"] == str(keys)
+    np.testing.assert_array_equal(decode(samples["IMD010"]["image.png"]), images["IMD010"])
+    lesion = tmp_path / "PH2Dataset" / "PH2 Dataset images" / "IMD003" / "IMD003_lesion" / "IMD003_lesion.bmp"
+    lesion.unlink()  # IMD003 now has no mask: fine for a split without it, an error for one with it
+    assert shard("folder", *args, "--keys-file", keys, "--split", "test2", "--out", tmp_path / "out") == 0
+    for text, culprit in [("IMD002\nIMD003\n", "no mask for key 'IMD003'"),
+                          ("IMD002\nIMD999\n", "no image for key 'IMD999'"),
+                          ("IMD002\nIMD010\nIMD002\n", "key 'IMD002' is listed twice (lines 1 and 3)"),
+                          ("# nothing\n", "lists no key")]:
+        keys.write_text(text)
+        with pytest.raises(UserError, match=re.escape(culprit)):
+            shard("folder", *args, "--keys-file", keys, "--split", "bad", "--out", tmp_path / "out")
+        assert not (tmp_path / "out" / "bad.json").exists()
+    with pytest.raises(UserError, match="not found"):
+        shard("folder", *args, "--keys-file", tmp_path / "none.txt", "--split", "bad", "--out", tmp_path / "out")
 
 
 def test_ph2_without_pair_regex_lists_unpaired_files(tmp_path):

@@ -44,6 +44,10 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     names = p.add_mutually_exclusive_group()
     names.add_argument("--classes", default=None, metavar="NAME,NAME,...", help="class names in train-id order")
     names.add_argument("--classes-file", default=None, metavar="FILE", help="class names, one per line, in train-id order")
+    p.add_argument("--keys-file", default=None, metavar="FILE",
+                   help="convert only the keys listed in FILE, one per line (blank lines and # comments "
+                   "skipped): a split cut from a list, as notebook 001's PH2 100/50/50 split; a listed key "
+                   "without an image or a mask, or listed twice, is an error")
     p.add_argument("--allow-unpaired", action="store_true", help="skip files without a partner instead of failing")
     p.add_argument("--dataset", default="folder", help="dataset name recorded in the manifest (default folder)")
     add_converter_options(p)
@@ -89,6 +93,36 @@ def key_function(pattern: str | None):
     return key
 
 
+def read_keys(path: Path) -> list[str]:
+    """The keys of a --keys-file, in order; a key listed twice is a `UserError` naming it and its lines."""
+    if not path.is_file():
+        raise UserError(f"--keys-file {path} not found: give a text file with one key per line")
+    seen: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        key = line.split("#", 1)[0].strip()
+        if not key:
+            continue
+        if key in seen:
+            raise UserError(f"--keys-file {path}: key {key!r} is listed twice (lines {seen[key]} and {number}); "
+                            "list each sample once")
+        seen[key] = number
+    if not seen:
+        raise UserError(f"--keys-file {path} lists no key: one key per line")
+    return list(seen)
+
+
+def select_keys(path: Path, images: dict, masks: dict) -> tuple[dict, dict]:
+    """Images and masks of the keys `path` lists; a key without either is a `UserError` naming it."""
+    keys = read_keys(path)
+    for kind, found in (("image", images), ("mask", masks)):
+        missing = [k for k in keys if k not in found]
+        if missing:
+            shown = ", ".join(map(repr, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(f"--keys-file {path}: no {kind} for key {shown} among the --{kind}s files; "
+                            "check the key (the file stem, or the --pair REGEX group) and the glob")
+    return {k: images[k] for k in keys}, {k: masks[k] for k in keys}
+
+
 def binarize(mask: np.ndarray, key: str, path: Path, threshold: int) -> np.ndarray:
     return (mask > threshold).astype(np.uint8)
 
@@ -106,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     images, image_nokey = index_by_key(image_files, key_fn, "images", unique)
     masks, mask_nokey = index_by_key(mask_files, key_fn, "masks", unique)
     nokey = image_nokey + mask_nokey
+    if args.keys_file:  # only the listed keys: files outside the list (keyless ones too) are not this split's
+        images, masks = select_keys(Path(args.keys_file), images, masks)
+        nokey = []
     if nokey and not args.allow_unpaired:
         shown = ", ".join(map(str, nokey[:3])) + (f" and {len(nokey) - 3} more" if len(nokey) > 3 else "")
         raise UserError(f"--pair {args.pair!r} finds no key in {len(nokey)} file name(s): {shown}")
@@ -117,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = write_split(
         pairs, args, base=base, dataset=args.dataset, classes=classes, palette=voc_palette(len(classes)),
         source={"format": "folder", "images": args.images, "masks": args.masks, "base": str(base)},
-        options=output_options(args, pair=args.pair, binary_threshold=args.binary_threshold), mask_fn=mask_fn,
+        options=output_options(args, pair=args.pair, binary_threshold=args.binary_threshold,
+                               keys_file=args.keys_file), mask_fn=mask_fn,
     )
     if len(classes) > 1 and not any(manifest.class_pixels[1:]):
         print(

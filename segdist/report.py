@@ -69,7 +69,8 @@ def per_class_markdown(metrics: dict, classes: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Figures
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the off-screen Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -78,10 +79,11 @@ def _pyplot():
     return plt
 
 
-def _render(fig) -> np.ndarray:
+def render(fig) -> np.ndarray:
+    """A matplotlib figure as an HxWx3 uint8 array (the figure is closed)."""
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return rgb
 
 
@@ -96,7 +98,7 @@ def row_normalised(matrix: np.ndarray) -> np.ndarray:
 def confusion_figure(matrix, classes: Sequence[str]) -> np.ndarray:
     """HxWx3 uint8 image of the row-normalised confusion matrix, class names on both axes, each
     cell's share written in it when there are few enough classes to read it."""
-    plt = _pyplot()
+    plt = pyplot()
     shares = row_normalised(matrix)
     n = len(classes)
     side = min(4 + 0.45 * n, 40)
@@ -115,13 +117,13 @@ def confusion_figure(matrix, classes: Sequence[str]) -> np.ndarray:
                             color="white" if shares[r, c] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return _render(fig)
+    return render(fig)
 
 
 def iou_bar_chart(metrics: dict, classes: Sequence[str]) -> np.ndarray:
     """HxWx3 uint8 image of a horizontal bar per class (its IoU; classes without a union are
     marked n/a), with the mIoU as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     ious = [v if v is not None else 0.0 for v in metrics["per_class_iou"]]
     fig, ax = plt.subplots(figsize=(8, min(2 + 0.28 * n, 60)), dpi=100)
@@ -137,7 +139,7 @@ def iou_bar_chart(metrics: dict, classes: Sequence[str]) -> np.ndarray:
     ax.set_xlabel("IoU")
     ax.set_title("per-class IoU")
     fig.tight_layout()
-    return _render(fig)
+    return render(fig)
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:

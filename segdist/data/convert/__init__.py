@@ -8,8 +8,8 @@ import importlib
 from multiprocessing import get_context
 from typing import Callable, Iterable, Iterator
 
-# Subcommand name → module under segdist.data.convert (each has add_parser and run). `verify` is
-# not a converter but checks their output, and is a subcommand of the same tool.
+# Subcommand name → module under segdist.data.convert (each has add_parser and run). `verify` and
+# `show` are not converters but check and draw their output, subcommands of the same tool.
 CONVERTERS = {
     "shapes": "segdist.data.convert.shapes",
     "cityscapes": "segdist.data.convert.cityscapes",
@@ -17,6 +17,7 @@ CONVERTERS = {
     "ade20k": "segdist.data.convert.ade20k",
     "folder": "segdist.data.convert.folder",
     "verify": "segdist.data.convert.verify",
+    "show": "segdist.data.convert.show",
 }
 
 

@@ -23,3 +23,4 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (data, metric, step, scale, eval, gpu):
         module.add_parser(sub)
     return parser
+

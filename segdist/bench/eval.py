@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -139,31 +137,19 @@ def measure(args: argparse.Namespace, root: Path) -> int:
 
 def run_launched(args: argparse.Namespace) -> int:
     """Convert once, launch once per world size, one table."""
+    from segdist.bench.launched import run_per_world_size
     from segdist.bench.scale import convert_shapes
-    from segdist.distributed import launch_command
     from segdist.precision import detect_hardware
 
-    if min(args.processes) < 1:
-        raise UserError(f"--processes: world sizes must be >= 1, got {args.processes}")
-    script = str(Path(__file__).resolve().parents[2] / "launch" / "bench.py")
-    rows, precision, samples = [], None, None
     with tempfile.TemporaryDirectory(prefix="segdist-bench-eval-") as tmp:
         root = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             convert_shapes(root, 8, [args.size, args.size], 5, val_count=args.count)
-        for n in args.processes:
-            result = Path(tmp) / f"world{n}.json"
-            child = ["eval", "--data", str(root), "--size", str(args.size), "--crop", str(args.crop),
-                     "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--result", str(result)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-            done = subprocess.run(launch_command(script, child, n), env=env, capture_output=True, text=True)
-            if done.returncode != 0 or not result.exists():
-                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise RuntimeError(f"bench eval with {n} process(es) failed (exit {done.returncode}): {tail}")
-            figures = json.loads(result.read_text())
-            rows += [tuple(r) for r in figures["rows"]]
-            precision, samples = figures["precision"], figures["samples"]
-    print(header(args, samples, precision, args.processes, detect_hardware().describe()))
+        child = ["--data", str(root), "--size", str(args.size), "--crop", str(args.crop),
+                 "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        results = run_per_world_size("eval", child, args.processes, args.threads, tmp)
+    rows = [tuple(row) for r in results for row in r["rows"]]
+    print(header(args, results[0]["samples"], results[0]["precision"], args.processes, detect_hardware().describe()))
     print(table(rows))
     return 0
 

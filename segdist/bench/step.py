@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -190,25 +188,13 @@ def run(args: argparse.Namespace) -> int:
 
 def run_launched(args: argparse.Namespace) -> int:
     """One launch per world size, in the order given; one table."""
-    from segdist.distributed import launch_command
+    from segdist.bench.launched import run_per_world_size
     from segdist.precision import detect_hardware
 
-    if min(args.processes) < 1:
-        raise UserError(f"--processes: world sizes must be >= 1, got {args.processes}")
-    script = str(Path(__file__).resolve().parents[2] / "launch" / "bench.py")
-    timings = []
+    child = ["--model", args.model, "--block", str(args.block), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+    child += [*(["--size", str(args.size)] if args.size else []), *(["--batch", str(args.batch)] if args.batch else [])]
     with tempfile.TemporaryDirectory(prefix="segdist-bench-step-") as tmp:
-        for n in args.processes:
-            result = Path(tmp) / f"world{n}.json"
-            child = ["step", "--model", args.model, "--block", str(args.block), "--rounds", str(args.rounds),
-                     "--threads", str(args.threads), "--result", str(result)]
-            child += [*(["--size", str(args.size)] if args.size else []), *(["--batch", str(args.batch)] if args.batch else [])]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-            done = subprocess.run(launch_command(script, child, n), env=env, capture_output=True, text=True)
-            if done.returncode != 0 or not result.exists():
-                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise RuntimeError(f"bench step with {n} process(es) failed (exit {done.returncode}): {tail}")
-            timings.append(StepTiming(**json.loads(result.read_text())))
+        timings = [StepTiming(**r) for r in run_per_world_size("step", child, args.processes, args.threads, tmp)]
     print(header(args, timings, detect_hardware().describe()))
     print(table(timings))
     return 0

@@ -12,6 +12,9 @@ import math
 
 import torch
 
+CHUNK = 1 << 16
+"""Pixels the CPU count bins at a time: its two int32 buffers (512 KiB) stay in a core's L2 cache."""
+
 
 class ConfusionMatrix:
     """Rows = ground truth, columns = prediction; counts are int64."""
@@ -21,7 +24,7 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-        """Two int32 buffers the CPU count reuses, as large as the largest update yet (8 bytes a pixel)."""
+        """Two int32 buffers of CHUNK pixels that the CPU count reuses."""
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -46,19 +49,28 @@ class ConfusionMatrix:
         """The CPU count, 4x faster than the scatter: bin target * n + pred as int32, ignored pixels
         included (they fall in the bins of row `ignore_index`, past the n x n kept), no mask at all.
         The count is exact: bincount counts in int64. On the CPU a look at the small bins costs no
-        sync, so a label outside [0, n) that is not the ignore index still fails loudly."""
+        sync, so a label outside [0, n) that is not the ignore index still fails loudly.
+
+        It goes in chunks of CHUNK pixels through two reused int32 buffers that stay in the core's
+        cache: measured 7.0 -> 4.6 ms for a 4x512x1024 update (BENCHMARKS.md). Fresh full-size
+        temporaries cost their page faults on every update, and full-size reused ones a trip to
+        memory for each of the four passes over them."""
         n, ignore = self.num_classes, self.ignore_index
-        size = pred.numel()
-        if self._scratch is None or self._scratch[0].numel() < size:
-            # Reused: fresh 8 MB int32 temporaries per update cost their page faults every time
-            # (measured: 13.6 ms against 7.3 ms for a 4x512x1024 update between other work).
-            self._scratch = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.int32))
-        index, other = self._scratch[0][:size], self._scratch[1][:size]
-        index.copy_(target.reshape(-1))
-        other.copy_(pred.reshape(-1))
-        index.mul_(n).add_(other)
-        bins = torch.bincount(index, minlength=(ignore + 1) * n)  # a negative label raises here
-        if bins.numel() > (ignore + 1) * n or bins[n * n: ignore * n].any():
+        size, flat_pred, flat_target = pred.numel(), pred.reshape(-1), target.reshape(-1)
+        if self._scratch is None:
+            self._scratch = (torch.empty(CHUNK, dtype=torch.int32), torch.empty(CHUNK, dtype=torch.int32))
+        bins = torch.zeros((ignore + 1) * n, dtype=torch.int64)
+        for start in range(0, size, CHUNK):
+            stop = min(start + CHUNK, size)
+            index, other = self._scratch[0][: stop - start], self._scratch[1][: stop - start]
+            index.copy_(flat_target[start:stop])
+            other.copy_(flat_pred[start:stop])
+            index.mul_(n).add_(other)
+            counted = torch.bincount(index, minlength=(ignore + 1) * n)  # a negative label raises here
+            if counted.numel() > bins.numel():
+                raise ValueError(f"a label is outside [0, {n}) and is not the ignore index {ignore}")
+            bins += counted
+        if bins[n * n: ignore * n].any():
             raise ValueError(f"a label is outside [0, {n}) and is not the ignore index {ignore}")
         return bins[: n * n].reshape(n, n)
 

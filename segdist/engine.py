@@ -28,7 +28,7 @@ import torch
 
 from segdist.checkpoint import latest_checkpoint, restore
 from segdist.data.augment import build_augment
-from segdist.data.manifest import Manifest, load_manifest
+from segdist.data.manifest import Manifest, check_reachable, load_split
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
                                  setup_logging, unused_devices_warning)
 from segdist.errors import UserError, mark_per_rank, user_error_of
@@ -80,8 +80,8 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     anything is written (GUIDE: no partial output). `resume`: "no" (refuse a folder holding
     checkpoints), "must" (error without one) or "auto" (resume if there is one, else start)."""
     assert resume in RESUME_MODES, resume
-    train_m = load_manifest(recipe.data.root, recipe.data.train_split)
-    val_m = load_manifest(recipe.data.root, recipe.data.val_split)
+    train_m = load_split(recipe.data, recipe.data.train_split)
+    val_m = load_split(recipe.data, recipe.data.val_split)
     classes = resolve_classes(recipe.model, train_m)
     if val_m.classes != train_m.classes:
         raise UserError(f"splits {train_m.split!r} and {val_m.split!r} in {recipe.data.root} have different class lists")
@@ -97,7 +97,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
             f"{train_m.num_samples} samples of split {train_m.split!r}; lower data.batch_size"
         )
     for manifest in (train_m, val_m):
-        check_shard_sizes(manifest)
+        check_reachable(manifest)
     run_dir = Path(recipe.train.run_dir)
     check_writable(run_dir)
     latest = latest_checkpoint(run_dir)
@@ -112,18 +112,6 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     start = check_resumable(resume_from, recipe) if resume_from is not None else 0
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
                  precision=precision, dist=dist)
-
-
-def check_shard_sizes(manifest: Manifest) -> None:
-    """One stat per shard instead of hashing them all (verify does that): a tar file is a whole
-    number of 512-byte blocks, so a shard cut short by a failed copy almost always shows here."""
-    for path in manifest.shard_paths():
-        size = path.stat().st_size
-        if size == 0 or size % 512:
-            raise UserError(
-                f"shard {path} is {size} bytes, not a whole number of 512-byte tar blocks: it is truncated; "
-                f"run launch/shard.py verify {manifest.root} and re-convert"
-            )
 
 
 def check_writable(run_dir: Path) -> None:

@@ -64,7 +64,7 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
     was_training = model.training
     model.eval()
     share_buffers(model, accelerator)
-    stream = EvalStream(manifest.shard_paths(), rank=accelerator.process_index, world=accelerator.num_processes,
+    stream = EvalStream(manifest.sources(), rank=accelerator.process_index, world=accelerator.num_processes,
                         num_classes=manifest.num_classes, ignore_index=manifest.ignore_index)
     loader = eval_loader(stream, batch_size, num_workers, manifest.ignore_index,
                          pin_memory=accelerator.device.type == "cuda")
@@ -121,7 +121,7 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
     (`out`), the report folder (`report_dir`: segdist.report.write_report) and strips of the
     `show` worst samples into it."""
     from segdist import report
-    from segdist.data.manifest import load_manifest
+    from segdist.data.manifest import load_split
     from segdist.distributed import make_accelerator, setup_logging
     from segdist.fileio import atomic_write_json
     from segdist.metrics import format_table
@@ -132,7 +132,7 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
         raise UserError(f"--show must be a number of samples >= 0, got {show}")
     if show and report_dir is None:
         raise UserError("--show N writes its strips into the report folder: give --report DIR too")
-    manifest = load_manifest(recipe.data.root, split or recipe.data.val_split)
+    manifest = load_split(recipe.data, split or recipe.data.val_split)
     # Training chose `best` by the EMA copy's mIoU: load_trained prefers the same weights.
     model, info = load_trained(recipe, checkpoint, manifest)
     path = info.checkpoint
@@ -173,7 +173,7 @@ def write_worst(folder: Path, model, manifest: Manifest, image_ious: dict, count
     worst = sorted(image_ious, key=lambda k: (image_ious[k], k))[:count]
     rank = {key: i for i, key in enumerate(worst)}
     written = []
-    for shard in manifest.shard_paths():
+    for shard in manifest.sources():
         for sample in read_shard(shard):
             if sample["__key__"] not in rank:
                 continue

@@ -30,7 +30,12 @@ NULLS = ("null", "none")
 @dataclass
 class DataConfig:
     root: str = "data/shapes"
-    """Folder holding `<split>-NNNNNN.tar` shards and `<split>.json` manifests."""
+    """Where the `<split>-NNNNNN.tar` shards and `<split>.json` manifests are: a folder, an http(s):// prefix,
+    a "pipe:" command with {name} (e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -") or an fsspec URL (s3://, gs://)."""
+    cache_dir: Optional[str] = None
+    """For a remote root: a local folder that keeps each shard once read whole and checked (sha256); "null" = none."""
+    fetch_retries: int = 5
+    """For a remote root: how often a read that broke off is retried (with backoff) before it is an error."""
     train_split: str = "train"
     """Split trained on."""
     val_split: str = "val"
@@ -54,6 +59,7 @@ class DataConfig:
         _positive("data.batch_size", self.batch_size)
         _non_negative("data.num_workers", self.num_workers)
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
+        _non_negative("data.fetch_retries", self.fetch_retries)
         if len(self.crop) != 2 or any(c <= 0 for c in self.crop):
             raise UserError(f"data.crop must be [height, width] of positive ints, got {self.crop}")
         if self.on_corrupt not in ("fail", "skip"):

@@ -231,7 +231,7 @@ class Trainer:
         r, setup, accelerator = self.r, self.setup, self.accelerator
         manifest = setup.train_manifest
         stream = TrainStream(
-            manifest.shard_paths(), rank=accelerator.process_index, world=accelerator.num_processes,
+            manifest.sources(), rank=accelerator.process_index, world=accelerator.num_processes,
             seed=r.train.seed, transform=self.transform, num_classes=manifest.num_classes,
             ignore_index=manifest.ignore_index, shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
             start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
@@ -315,7 +315,7 @@ def _check_ranks_agree(accelerator, step: int) -> None:
 def fixed_samples(manifest: Manifest, count: int) -> list:
     """The first `count` samples of a split: the same images at every evaluation."""
     out = []
-    for path in manifest.shard_paths():
+    for path in manifest.sources():
         for sample in read_shard(path):
             if len(out) == count:
                 return out

@@ -34,3 +34,18 @@ def test_an_object_json_cannot_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "x.json", {"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_file_appears_whole_on_commit_and_never_on_discard(tmp_path):
+    from segdist.fileio import AtomicFile
+
+    target = tmp_path / "cache" / "a.tar"
+    a, b = AtomicFile(target), AtomicFile(target)  # two writers of one path: two temporary files
+    a.write(b"12")
+    b.write(b"12")
+    assert not target.exists() and len(list(target.parent.iterdir())) == 2
+    a.write(b"34")
+    a.commit()
+    assert target.read_bytes() == b"1234"
+    b.discard()
+    assert [p.name for p in target.parent.iterdir()] == ["a.tar"]

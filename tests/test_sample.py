@@ -52,7 +52,7 @@ def test_read_shard_groups_members_and_catches_a_cut_between_members(tmp_path):
     path.write_bytes(tar_bytes(members))
     samples = list(read_shard(path))
     assert [s["__key__"] for s in samples] == ["a", "b"] and samples[1]["image.jpg"] == b"y"
-    assert [m.name for m, _ in read_members(path)] == list(members)
+    assert [name for name, _ in read_members(path)] == list(members)
     path.write_bytes(tar_bytes(members, end_marker=False))
     got = []
     with pytest.raises(ShardError, match="after 1 samples"):

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segdist.data.location import ShardSource, address, check_sources, is_remote, local_root, read_file
 from segdist.errors import UserError
 
 FORMAT = "segdist-shards/1"
@@ -32,7 +33,12 @@ class Manifest:
     """Valid (non-ignored) mask pixels of each class over the whole split."""
     source: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    root: Path = Path(".")
+    root: Path | str = Path(".")
+    """The folder it was read from, or the remote data.root as given (segdist.data.location)."""
+    cache_dir: str | None = None
+    """Where remote shards read whole are kept (data.cache_dir); not part of the JSON."""
+    fetch_retries: int = 5
+    """How often a remote read that broke off is retried (data.fetch_retries); not part of the JSON."""
 
     @property
     def num_classes(self) -> int:
@@ -43,7 +49,17 @@ class Manifest:
         return int(sum(self.class_pixels))
 
     def shard_paths(self) -> list[Path]:
-        return [self.root / s.file for s in self.shards]
+        """The shard files of a local root (verify and conversion work on local folders only)."""
+        if is_remote(self.root):
+            raise UserError(f"{self.root} is not a local folder: this command reads local shards only; "
+                            "copy the split to a folder first")
+        return [Path(self.root) / s.file for s in self.shards]
+
+    def sources(self) -> list[ShardSource]:
+        """The shards to read, wherever the root is (what the streams take)."""
+        root = str(self.root)
+        cache = self.cache_dir if is_remote(root) else None
+        return [ShardSource(root, s.file, s.sha256, cache, self.fetch_retries) for s in self.shards]
 
     def to_json(self) -> dict:
         return {
@@ -62,23 +78,37 @@ class Manifest:
         }
 
 
+def manifest_name(split: str) -> str:
+    return f"{split}.json"
+
+
 def manifest_path(root: str | Path, split: str) -> Path:
-    return Path(root) / f"{split}.json"
+    return local_root(root) / manifest_name(split)
 
 
-def load_manifest(root: str | Path, split: str, check_files: bool = True) -> Manifest:
-    """Read and check `<root>/<split>.json`; every problem is a one-line `UserError`."""
-    root = Path(root)
-    path = manifest_path(root, split)
-    if not root.is_dir():
+def load_split(data, split: str, check_files: bool = True) -> Manifest:
+    """The manifest of a split of a recipe's `[data]`: its root, cache and retries."""
+    return load_manifest(data.root, split, check_files, cache_dir=data.cache_dir, retries=data.fetch_retries)
+
+
+def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
+                  cache_dir: str | None = None, retries: int = 5) -> Manifest:
+    """Read and check `<root>/<split>.json`, from wherever the root is; every problem is a one-line
+    `UserError`. `check_files` checks that a local root's shards exist (remote ones: engine setup,
+    `check_reachable`)."""
+    remote = is_remote(root)
+    root = str(root) if remote else local_root(root)
+    path = address(root, manifest_name(split)) if remote else manifest_path(root, split)
+    if not remote and not root.is_dir():
         raise UserError(f"data root {root} does not exist: convert a dataset there with launch/shard.py")
-    if not path.is_file():
+    text = read_file(root, manifest_name(split), "manifest", retries)
+    if text is None:
         raise UserError(
             f"manifest {path} not found: split {split!r} was not converted "
             f"(run launch/shard.py ... --split {split} --out {root})"
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(text.decode("utf-8"))
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
         manifest = Manifest(
@@ -93,18 +123,36 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True) -> Man
             source=dict(raw.get("source", {})),
             options=dict(raw.get("options", {})),
             root=root,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            fetch_retries=retries,
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"manifest {path} is corrupt ({exc}): re-run the conversion") from None
     if manifest.num_samples == 0 or not manifest.shards:
         raise UserError(f"split {split!r} in {root} is empty: convert a split with samples")
     if sum(s.samples for s in manifest.shards) != manifest.num_samples:
         raise UserError(f"manifest {path}: shard sample counts do not add up to num_samples; re-run the conversion")
-    if check_files:
+    if check_files and not remote:
         for shard in manifest.shard_paths():
             if not shard.is_file():
                 raise UserError(f"shard {shard} listed in {path} is missing: re-run the conversion")
     return manifest
+
+
+def check_reachable(manifest: Manifest) -> None:
+    """Before anything is written: a local split's shards are whole tar files (one stat each, not a
+    hash: verify does that; a shard cut short by a failed copy almost always shows), a remote split's
+    are there (segdist.data.location.check_sources)."""
+    if is_remote(manifest.root):
+        check_sources(manifest.sources())
+        return
+    for path in manifest.shard_paths():
+        size = path.stat().st_size
+        if size == 0 or size % 512:
+            raise UserError(
+                f"shard {path} is {size} bytes, not a whole number of 512-byte tar blocks: it is truncated; "
+                f"run launch/shard.py verify {manifest.root} and re-convert"
+            )
 
 
 def sha256_file(path: str | Path) -> str:

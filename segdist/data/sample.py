@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from segdist.data.location import Fetch, ShardSource
 from segdist.errors import UserError
 
 IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG"}
@@ -81,22 +82,31 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 
 # -- reading a shard ----------------------------------------------------------------------------
-def read_members(path: str | Path) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
-    """Every member of a shard's tar in file order, with its bytes (None for a non-file member).
+def read_members(shard: str | Path | ShardSource) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of every member of a shard's tar in file order (bytes None for a non-file member).
 
-    A missing file is a `UserError`. A damaged tar raises `tarfile.TarError` (or EOFError/OSError)
-    once the members before the damage were yielded. A file that ends exactly between two members
-    is caught too: our writer always ends a shard with tar's end-of-archive marker, and `tarfile`
-    alone would take its absence for a normal end.
+    A local shard (a path, or a source whose root is local or whose verified copy is in the cache)
+    is read with `tarfile`; a remote one streams through `location.Fetch` and webdataset's tar
+    iterator, and must match the manifest's sha256 once read whole. A missing or refused file is a
+    `UserError`. A damaged tar raises `tarfile.TarError` (or EOFError/OSError) once the members
+    before the damage were yielded. A local file that ends exactly between two members is caught
+    too: our writer always ends a shard with tar's end-of-archive marker, and `tarfile` alone would
+    take its absence for a normal end (a remote one fails its sha256).
     """
+    if isinstance(shard, ShardSource):
+        cached = shard.cached()
+        if shard.remote and cached is None:
+            yield from _fetched_members(shard)
+            return
+        shard = cached if cached is not None else shard.address
     try:
-        f = open(path, "rb")
+        f = open(shard, "rb")
     except OSError as exc:
-        raise UserError(f"shard {path} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
+        raise UserError(f"shard {shard} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
     with f:
         tar = tarfile.open(fileobj=f, mode="r:")
         for member in tar:
-            yield member, (tar.extractfile(member).read() if member.isfile() else None)
+            yield member.name, (tar.extractfile(member).read() if member.isfile() else None)
         f.seek(tar.offset)
         end = f.read(2 * tarfile.BLOCKSIZE)
         if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
@@ -104,14 +114,28 @@ def read_members(path: str | Path) -> Iterator[tuple[tarfile.TarInfo, bytes | No
             raise tarfile.ReadError("no end-of-archive marker where the members end")
 
 
-def read_shard(path: str | Path) -> Iterator[dict]:
+def _fetched_members(source: ShardSource) -> Iterator[tuple[str, bytes]]:
+    from webdataset.tariterators import tar_file_iterator
+
+    fetch = Fetch(source)
+    try:
+        for item in tar_file_iterator(fetch, skip_meta=None):
+            yield item["fname"], item["data"]
+        problem = fetch.finish()
+        if problem is not None:
+            raise tarfile.ReadError(problem)
+    finally:
+        fetch.close()
+
+
+def read_shard(path: str | Path | ShardSource) -> Iterator[dict]:
     """Raw samples of one shard in file order: `__key__`, `__url__` and the bytes of each member
     under its kind (non-file members are passed over). A shard that breaks off is a `ShardError`
     once the complete samples before the damage were yielded (the sample in progress is dropped)."""
     url, done, current = str(path), 0, None
     try:
-        for member, data in read_members(path):
-            parts = split_member(member.name) if data is not None else None
+        for name, data in read_members(path):
+            parts = split_member(name) if data is not None else None
             if parts is None:
                 continue
             key, kind = parts

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
+from segdist.data.location import ShardSource
 from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
@@ -54,7 +55,7 @@ def _slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _read(path: str, on_bad_shard: Callable[[ShardError], None] | None) -> Iterator[dict]:
+def _read(path: str | ShardSource, on_bad_shard: Callable[[ShardError], None] | None) -> Iterator[dict]:
     """`read_shard`, where a broken shard ends early through `on_bad_shard` if given."""
     try:
         yield from read_shard(path)
@@ -64,7 +65,7 @@ def _read(path: str, on_bad_shard: Callable[[ShardError], None] | None) -> Itera
         on_bad_shard(exc)
 
 
-def _slot_samples(shards: list[str], slot: int, slots: int,
+def _slot_samples(shards: list[str | ShardSource], slot: int, slots: int,
                   on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[dict]:
     """The raw samples of one slot, in shard order."""
     if len(shards) >= slots:
@@ -106,7 +107,7 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self,
-        shards: list[str],
+        shards: list[str | ShardSource],
         *,
         rank: int,
         world: int,
@@ -121,7 +122,7 @@ class TrainStream(IterableDataset):
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-        self.shards = [str(s) for s in shards]
+        self.shards = list(shards)  # paths, or location.ShardSource for shards of any root
         self.rank, self.world, self.seed = rank, world, seed
         self.transform = transform
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -204,8 +205,8 @@ class EvalStream(IterableDataset):
     """Every sample of a split exactly once across all ranks and workers, un-augmented: images and
     masks at their stored (native) resolution, whatever the training preset did. Never skips."""
 
-    def __init__(self, shards: list[str], *, rank: int, world: int, num_classes: int, ignore_index: int) -> None:
-        self.shards = [str(s) for s in shards]
+    def __init__(self, shards: list[str | ShardSource], *, rank: int, world: int, num_classes: int, ignore_index: int) -> None:
+        self.shards = list(shards)
         self.rank, self.world = rank, world
         self.num_classes, self.ignore_index = num_classes, ignore_index
 

@@ -56,11 +56,12 @@ def load_trained(recipe, checkpoint, manifest=None) -> tuple[nn.Module, TrainedI
     folder. The number of outputs comes from `manifest` when given, else from the recipe's
     val-split manifest when it exists, else from `model.classes` alone."""
     from segdist.checkpoint import load_weights, resolve_checkpoint
-    from segdist.data.manifest import load_manifest, manifest_path
+    from segdist.data.location import is_remote
+    from segdist.data.manifest import load_split, manifest_path
     from segdist.models.build import build_model
 
-    if manifest is None and manifest_path(recipe.data.root, recipe.data.val_split).is_file():
-        manifest = load_manifest(recipe.data.root, recipe.data.val_split, check_files=False)
+    if manifest is None and (is_remote(recipe.data.root) or manifest_path(recipe.data.root, recipe.data.val_split).is_file()):
+        manifest = load_split(recipe.data, recipe.data.val_split, check_files=False)
     if manifest is not None:
         outputs = resolve_classes(recipe.model, manifest)
     elif recipe.model.classes is not None:

@@ -50,7 +50,7 @@ def pick_samples(manifest, count: int, spread: bool) -> list:
     every = max(1, manifest.num_samples // count) if spread else 1
     out = []
     index = 0
-    for path in manifest.shard_paths():
+    for path in manifest.sources():
         for sample in read_shard(path):
             if index % every == 0:
                 out.append(decode_sample(sample, manifest.num_classes, manifest.ignore_index))

@@ -74,10 +74,10 @@ def read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {kind: bytes}) per sample of a shard, as WebDataset groups consecutive members."""
     key, files, seen = None, {}, set()
     try:
-        for member, data in read_members(path):
-            parts = split_member(member.name) if data is not None else None
+        for name, data in read_members(path):
+            parts = split_member(name) if data is not None else None
             if parts is None:
-                raise UserError(f"shard {path}: member {member.name!r} is not a <key>.<kind> file")
+                raise UserError(f"shard {path}: member {name!r} is not a <key>.<kind> file")
             if parts[0] != key:
                 if key is not None:
                     yield key, files

@@ -1,0 +1,68 @@
+"""A real HTTP server on 127.0.0.1 for the remote-data tests: Python's http.server in a thread,
+serving a folder of converted splits, with faults to order (a connection cut mid-file, once)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import socket
+import threading
+from collections import Counter
+from pathlib import Path
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    server: "ShardServer"
+
+    def log_message(self, *args) -> None:  # quiet: the tests count requests instead
+        pass
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        with self.server.lock:
+            self.server.gets[name] += 1
+            cut = self.server.cuts.pop(name, None)
+        if cut is None:
+            return super().do_GET()
+        data = (Path(self.directory) / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:cut])
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)  # the rest never comes: curl exits 18
+        self.close_connection = True
+
+
+class ShardServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
+        self.lock = threading.Lock()
+        self.gets: Counter = Counter()
+        self.cuts: dict[str, int] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def cut_once(self, name: str, at: int) -> None:
+        """The next GET of `name` sends its full length as Content-Length, then `at` bytes, then hangs up."""
+        with self.lock:
+            self.cuts[name] = at
+
+
+@contextlib.contextmanager
+def serving(folder: Path):
+    """A ShardServer on a free port of 127.0.0.1 for the `with` block."""
+    server = ShardServer(folder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

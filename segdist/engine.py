@@ -29,6 +29,7 @@ import torch
 from segdist.checkpoint import latest_checkpoint, restore
 from segdist.data.augment import build_augment
 from segdist.data.manifest import Manifest, check_reachable, load_split
+from segdist.data.sampling import training_draws
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
                                  setup_logging, unused_devices_warning)
 from segdist.errors import UserError, mark_per_rank, user_error_of
@@ -66,6 +67,9 @@ class Setup:
     """train.precision resolved against this process's device (segdist.precision)."""
     dist: DistContext
     """This process's rank and world, as the launcher set them (read once, here)."""
+    draws: tuple | None = None
+    """data.sampling = "rare_class": each training sample's draw probability and the shard offsets
+    (segdist.data.sampling.training_draws); None = uniform passes."""
 
     @property
     def finished(self) -> bool:
@@ -96,6 +100,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
             f"data.batch_size = {recipe.data.batch_size} on {world} process{'es' if world > 1 else ''} exceeds the "
             f"{train_m.num_samples} samples of split {train_m.split!r}; lower data.batch_size"
         )
+    draws = training_draws(train_m, recipe.data)
     for manifest in (train_m, val_m):
         check_reachable(manifest)
     run_dir = Path(recipe.train.run_dir)
@@ -111,7 +116,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     resume_from = latest if resume != "no" else None
     start = check_resumable(resume_from, recipe) if resume_from is not None else 0
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
-                 precision=precision, dist=dist)
+                 precision=precision, dist=dist, draws=draws)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -36,6 +36,12 @@ class DataConfig:
     """For a remote root: a local folder that keeps each shard once read whole and checked (sha256); "null" = none."""
     fetch_retries: int = 5
     """For a remote root: how often a read that broke off is retried (with backoff) before it is an error."""
+    sampling: str = "uniform"
+    """How often each training sample is drawn per pass: "uniform" (once) or "rare_class" (DAFormer's rare-class sampling)."""
+    rare_class_temperature: float = 0.01
+    """rare_class: T of P(c) ~ exp((1 - f_c) / T); smaller favours rare classes more (DAFormer: 0.01)."""
+    rare_class_min_pixels: int = 0
+    """rare_class: a sample counts as holding a class from this many pixels of it (DAFormer: 3000 at 1024x512)."""
     train_split: str = "train"
     """Split trained on."""
     val_split: str = "val"
@@ -60,6 +66,11 @@ class DataConfig:
         _non_negative("data.num_workers", self.num_workers)
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
         _non_negative("data.fetch_retries", self.fetch_retries)
+        _non_negative("data.rare_class_min_pixels", self.rare_class_min_pixels)
+        if self.sampling not in ("uniform", "rare_class"):
+            raise UserError(f"data.sampling must be \"uniform\" or \"rare_class\", got {self.sampling!r}")
+        if not self.rare_class_temperature > 0:
+            raise UserError(f"data.rare_class_temperature must be > 0, got {self.rare_class_temperature}")
         if len(self.crop) != 2 or any(c <= 0 for c in self.crop):
             raise UserError(f"data.crop must be [height, width] of positive ints, got {self.crop}")
         if self.on_corrupt not in ("fail", "skip"):

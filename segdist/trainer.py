@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,6 +26,7 @@ from segdist import report
 from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, restore, save_checkpoint, set_rng_state
 from segdist.data.manifest import Manifest
 from segdist.data.sample import decode_sample, read_shard
+from segdist.data.sampling import class_probabilities
 from segdist.data.stream import TrainStream, train_loader
 from segdist.errors import TrainingDiverged
 from segdist.evaluate import evaluate, predict_sample
@@ -235,6 +237,7 @@ class Trainer:
             seed=r.train.seed, transform=self.transform, num_classes=manifest.num_classes,
             ignore_index=manifest.ignore_index, shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
             start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
+            **({} if setup.draws is None else {"probabilities": setup.draws[0], "offsets": setup.draws[1]}),
         )
         batches = iter(train_loader(stream, r.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
         rng = load_rng_state(setup.resume_from, accelerator.process_index) if setup.resume_from else None
@@ -265,6 +268,12 @@ class Trainer:
         if precision.warning and accelerator.is_main_process:
             log.warning("%s", precision.warning)
         self.tb.text("run/precision", f"{precision.name}: {precision.reason}", self.state.step)
+        if self.setup.draws is not None:
+            manifest, data = self.setup.train_manifest, r.data
+            p_class = class_probabilities(manifest.class_pixels, data.rare_class_temperature)
+            top = ", ".join(f"{manifest.classes[c]} {p_class[c]:.3f}" for c in np.argsort(-p_class)[:5])
+            log.info("data.sampling = rare_class (T = %g, min %d pixels): classes picked most often: %s",
+                     data.rare_class_temperature, data.rare_class_min_pixels, top)
 
     def log_train(self, bar, losses: list) -> None:
         tb, state, accelerator, r, scaler = self.tb, self.state, self.accelerator, self.r, self.scaler

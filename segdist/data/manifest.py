@@ -18,6 +18,9 @@ class ShardInfo:
     file: str
     samples: int
     sha256: str
+    sample_classes: list[list[list[int]]] | None = None
+    """Per sample, in shard order: [class, pixels] of each class it holds (what rare-class sampling
+    reads); None in manifests converted before segdist recorded it."""
 
 
 @dataclass
@@ -118,7 +121,8 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             palette=[[int(v) for v in c] for c in raw["palette"]],
             ignore_index=int(raw["ignore_index"]),
             num_samples=int(raw["num_samples"]),
-            shards=[ShardInfo(str(s["file"]), int(s["samples"]), str(s["sha256"])) for s in raw["shards"]],
+            shards=[ShardInfo(str(s["file"]), int(s["samples"]), str(s["sha256"]), _sample_classes(s))
+                    for s in raw["shards"]],
             class_pixels=[int(v) for v in raw["class_pixels"]],
             source=dict(raw.get("source", {})),
             options=dict(raw.get("options", {})),
@@ -137,6 +141,16 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             if not shard.is_file():
                 raise UserError(f"shard {shard} listed in {path} is missing: re-run the conversion")
     return manifest
+
+
+def _sample_classes(shard: dict) -> list[list[list[int]]] | None:
+    raw = shard.get("sample_classes")
+    if raw is None:
+        return None
+    out = [[[int(c), int(n)] for c, n in sample] for sample in raw]
+    if len(out) != int(shard["samples"]):
+        raise ValueError(f"shard {shard['file']} lists the classes of {len(out)} samples, not {shard['samples']}")
+    return out
 
 
 def check_reachable(manifest: Manifest) -> None:

@@ -92,6 +92,7 @@ class ShardWriter:
         self._tmp: Path | None = None
         self._done: list[Path] = []  # finished shards of this run, still under temporary names
         self._count = 0
+        self._sample_classes: list[list[list[int]]] = []  # of the shard in progress
         self._own = re.compile(re.escape(split) + r"-\d{6}\.tar")  # train-000000.tar, not train-aug-000000.tar
         self._own_tmp = re.compile(r"\." + re.escape(split) + r"-\d{6}\.tar\.tmp")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,9 @@ class ShardWriter:
         if "." in key:
             raise ValueError(f"sample key {key!r} must not contain '.'")
         self._keys.add(key)
-        self.class_pixels += count_class_pixels(mask, len(self.classes), self.ignore_index, key)
+        counts = count_class_pixels(mask, len(self.classes), self.ignore_index, key)
+        self.class_pixels += counts
+        self._sample_classes.append([[int(c), int(counts[c])] for c in np.flatnonzero(counts)])
         files = {member_name(key, f"image.{image_ext}"): image,
                  member_name(key, MASK_KIND): encode_mask(mask, len(self.classes))}
         if meta is not None:
@@ -138,7 +141,8 @@ class ShardWriter:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         # The hash of the temporary file is the hash of the final one: a rename keeps the bytes.
-        self.shards.append(ShardInfo(self._tmp.name[1:-4], self._count, sha256_file(self._tmp)))
+        self.shards.append(ShardInfo(self._tmp.name[1:-4], self._count, sha256_file(self._tmp), self._sample_classes))
+        self._sample_classes = []
         self._done.append(self._tmp)
         self._tar, self._tmp = None, None
 

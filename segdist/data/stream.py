@@ -10,7 +10,8 @@ Training: each slot loops over passes forever (lockstep comes from the engine ta
 shard order with (seed, p) and samples with a buffer seeded by (seed, rank, worker, p); sample n of
 a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
-produced, before decoding them.
+produced, before decoding them. With rare-class sampling (segdist.data.sampling) a pass yields
+each sample as often as that pass's draw, seeded by (seed, p), says: the same on every rank.
 
 A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
 
@@ -29,6 +30,7 @@ or a wrong class count: they always fail. Evaluation never skips: its totals mus
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterator
 
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
 from segdist.data.location import ShardSource
+from segdist.data.sampling import draws
 from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
@@ -65,19 +68,31 @@ def _read(path: str | ShardSource, on_bad_shard: Callable[[ShardError], None] | 
         on_bad_shard(exc)
 
 
+def _slot_indexed(shards: list[str | ShardSource], slot: int, slots: int,
+                  on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[tuple[int, int, dict]]:
+    """(position of the shard in `shards`, index in its shard, raw sample) of one slot, in shard order."""
+    if len(shards) >= slots:
+        for j in range(slot, len(shards), slots):
+            for i, sample in enumerate(_read(shards[j], on_bad_shard)):
+                yield j, i, sample
+    else:
+        index = 0
+        for j, path in enumerate(shards):
+            for i, sample in enumerate(_read(path, on_bad_shard)):
+                if index % slots == slot:
+                    yield j, i, sample
+                index += 1
+
+
 def _slot_samples(shards: list[str | ShardSource], slot: int, slots: int,
                   on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[dict]:
     """The raw samples of one slot, in shard order."""
-    if len(shards) >= slots:
-        for path in shards[slot::slots]:
-            yield from _read(path, on_bad_shard)
-    else:
-        index = 0
-        for path in shards:
-            for sample in _read(path, on_bad_shard):
-                if index % slots == slot:
-                    yield sample
-                index += 1
+    for _, _, sample in _slot_indexed(shards, slot, slots, on_bad_shard):
+        yield sample
+
+
+IDLE_PASSES = 100
+"""Passes in a row in which rare-class sampling may draw none of a slot's samples before it is an error."""
 
 
 class _Skips:
@@ -119,6 +134,8 @@ class TrainStream(IterableDataset):
         batch_size: int,
         start_batch: int = 0,
         on_corrupt: str = "fail",
+        probabilities: np.ndarray | None = None,
+        offsets: list[int] | None = None,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -130,6 +147,11 @@ class TrainStream(IterableDataset):
         self.batch_size = batch_size
         self.start_batch = start_batch
         self.on_corrupt = on_corrupt
+        # Rare-class sampling (segdist.data.sampling): each sample's draw probability, in manifest
+        # order, and the manifest index of each shard's first sample. None = uniform passes.
+        self.probabilities, self.offsets = probabilities, offsets
+        if (probabilities is None) != (offsets is None):
+            raise ValueError("probabilities and offsets go together")
 
     def _skip(self, worker: int, workers: int) -> int:
         """Samples this worker had produced when the main process had taken `start_batch` batches
@@ -141,29 +163,41 @@ class TrainStream(IterableDataset):
         """(pass, raw sample) of this worker's slot, forever."""
         slot, slots = self.rank * workers + worker, self.world * workers
         on_bad_shard = skips.shard if skips is not None else None
+        idle = 0
         for p in range(1 << 62):
             order = np.random.default_rng([self.seed, p]).permutation(len(self.shards))
             shards = [self.shards[i] for i in order]
             rng = np.random.default_rng([self.seed, self.rank, worker, p, 1])
+            counts = draws(self.probabilities, self.seed, p) if self.probabilities is not None else None
             buffer: list[dict] = []
-            empty = True
-            for sample in _slot_samples(shards, slot, slots, on_bad_shard):
+            empty, drawn = True, 0
+            for j, i, raw in _slot_indexed(shards, slot, slots, on_bad_shard):
                 empty = False
-                if self.shuffle_buffer == 0:  # shard order is still shuffled per pass
+                times = 1 if counts is None else int(counts[self.offsets[order[j]] + i])
+                drawn += times
+                for sample in itertools.repeat(raw, times):
+                    if self.shuffle_buffer == 0:  # shard order is still shuffled per pass
+                        yield p, sample
+                        continue
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(sample)
+                        continue
+                    k = int(rng.integers(len(buffer)))
+                    buffer[k], sample = sample, buffer[k]
                     yield p, sample
-                    continue
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(sample)
-                    continue
-                i = int(rng.integers(len(buffer)))
-                buffer[i], sample = sample, buffer[i]
-                yield p, sample
             rng.shuffle(buffer)
             for sample in buffer:
                 yield p, sample
             if empty:
                 raise UserError(f"training slot {slot} of {slots} got no samples from {len(self.shards)} shards"
                                 + (" (every one it reads is broken)" if skips is not None and skips.shards else ""))
+            idle = 0 if drawn else idle + 1
+            if idle >= IDLE_PASSES:
+                raise UserError(
+                    f"data.sampling = \"rare_class\" drew none of training slot {slot}'s samples in {idle} passes "
+                    "in a row: too few of its samples hold a counted class; lower data.rare_class_min_pixels, "
+                    "use fewer processes or workers, or set data.sampling = \"uniform\""
+                )
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         seed_pipeline(self.transform, int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))

@@ -56,6 +56,18 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=2, help="loader runs per row, the best counts (default 2)")
     p.add_argument("--samples-per-shard", type=int, default=8, help="shard size (default 8)")
     p.add_argument("--workdir", default=None, help="write the data here and keep it (default: a temporary folder)")
+    rss = p.add_argument_group("--rss: the loader's resident memory as the split grows (segdist/bench/rss.py)")
+    rss.add_argument("--rss", action="store_true",
+                     help="measure the peak memory of the training loader (main process + workers) over splits of "
+                          "--rss-counts samples instead of throughput; --batch-size, --workers, --rounds and --samples-per-shard apply")
+    rss.add_argument("--rss-counts", type=int, nargs="+", default=[1000, 10000], metavar="N",
+                     help="split sizes, the smallest is the baseline (default 1000 10000)")
+    rss.add_argument("--rss-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+                     help="frame size of the --rss splits (default 64 64)")
+    rss.add_argument("--rss-passes", type=float, default=1.0, metavar="P",
+                     help="samples taken from every split: P x the largest split's (default 1)")
+    rss.add_argument("--rss-sampling", choices=("uniform", "rare_class"), default="uniform",
+                     help="data.sampling of the measured stream (default uniform)")
     p.set_defaults(run=run_data)
 
 
@@ -183,6 +195,10 @@ ROWS = {"folder": "folder of PNG files", "png": "shards, PNG images", "jpg": "sh
 
 
 def run_data(args: argparse.Namespace) -> int:
+    if args.rss:
+        from segdist.bench.rss import run_rss
+
+        return run_rss(args)
     for name in ("count", "batch_size", "batches", "rounds", "samples_per_shard"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

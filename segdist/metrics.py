@@ -65,7 +65,7 @@ class ConfusionMatrix:
             index, other = self._scratch[0][: stop - start], self._scratch[1][: stop - start]
             index.copy_(flat_target[start:stop])
             other.copy_(flat_pred[start:stop])
-            index.mul_(n).add_(other)
+            torch.add(other, index, alpha=n, out=index)  # pred + n * target: one pass, not mul_ then add_
             counted = torch.bincount(index, minlength=(ignore + 1) * n)  # a negative label raises here
             if counted.numel() > bins.numel():
                 raise ValueError(f"a label is outside [0, {n}) and is not the ignore index {ignore}")

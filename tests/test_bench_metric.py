@@ -1,13 +1,18 @@
 import re
 
+import pytest
+
 from segdist.bench import build_parser
 
 
-def test_metric_bench_checks_the_three_agree_and_prints_each(capsys):
-    args = build_parser().parse_args(["metric", "--classes", "5", "--shape", "2", "40", "60", "--rounds", "1"])
+@pytest.mark.parametrize("dtype", ["uint8", "int64"])
+def test_metric_bench_checks_the_three_agree_and_prints_each(capsys, dtype):
+    args = build_parser().parse_args(["metric", "--classes", "5", "--shape", "2", "40", "60", "--rounds", "1",
+                                      "--label-dtype", dtype])
     assert args.run(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("metric update: 5 classes, 2x40x60 labels, 1 thread") and "CPU" in out[0]
+    assert out[0].startswith(f"metric update: 5 classes, 2x40x60 {dtype} labels and int64 predictions, 1 thread")
+    assert "CPU" in out[0]
     names = [re.match(r"(.+?)\s+[\d.]+\s+[\d.]+x$", line).group(1) for line in out[2:5]]
     assert names == ["segdist ConfusionMatrix.update", "notebook 002 per-class numpy loop",
                      "torchmetrics MulticlassJaccardIndex.update"]

@@ -26,6 +26,19 @@ def test_confusion_matches_numpy_and_skips_ignore():
     assert np.array_equal(cm.matrix.numpy(), numpy_confusion(pred, target, 4, 255))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_labels_of_any_integer_dtype_count_the_same(dtype):
+    # the eval loader gives uint8 masks (int32 past 256 classes), an argmax int64 predictions;
+    # more pixels than one chunk of the CPU count, and a last chunk that is not full
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 7, size=(3, 150, 200))
+    target[:, :20] = 255
+    pred = rng.integers(0, 7, size=target.shape)
+    cm = ConfusionMatrix(7, 255)
+    cm.update(torch.from_numpy(pred), torch.from_numpy(target).to(dtype))
+    assert np.array_equal(cm.matrix.numpy(), numpy_confusion(pred, target, 7, 255))
+
+
 def test_counts_past_float32_precision():
     # 2^24 + 1 pixels of one class: float32 histograms lose the last one (FACTS).
     cm = ConfusionMatrix(2, 255)

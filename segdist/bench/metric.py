@@ -14,7 +14,9 @@ from segdist.precision import detect_hardware
 METRIC_DOC = """Confusion-matrix update: segdist's ConfusionMatrix.update against seed notebook 002's
 per-class numpy loop (its mean_iou: for each class, boolean masks of prediction and truth,
 summed) and torchmetrics' MulticlassJaccardIndex.update, on the same random labels with an
-ignore band; one thread, best of --rounds interleaved rounds. All three must agree: the per-class
+ignore band; one thread, best of --rounds interleaved rounds. The labels are uint8 by default,
+as segdist's eval loader delivers masks of up to 256 classes, and the predictions int64, as an
+argmax gives them; all three read the same tensors (--label-dtype int64 for int64 labels). All three must agree: the per-class
 intersection and union of the notebook's loop and torchmetrics' matrix are checked against
 segdist's before any time is printed."""
 
@@ -26,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[4, 512, 1024], metavar=("N", "H", "W"),
                    help="batch of label maps (default 4 512 1024)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, the best counts (default 5)")
+    p.add_argument("--label-dtype", choices=("uint8", "int64"), default="uint8",
+                   help="dtype of the labels (default uint8, what the eval loader gives; predictions are int64)")
     p.set_defaults(run=run_metric)
 
 
@@ -53,6 +57,7 @@ def run_metric(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, n, tuple(args.shape), generator=g)
     target[:, : args.shape[1] // 10] = ignore  # an ignored band, as Cityscapes' ego-vehicle rows
+    target = target.to(getattr(torch, args.label_dtype))
     pred = torch.randint(0, n, tuple(args.shape), generator=g)
     pred_np, target_np = pred.numpy(), target.numpy()
 
@@ -89,7 +94,8 @@ def run_metric(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    print(f"metric update: {n} classes, {'x'.join(map(str, args.shape))} labels, 1 thread, best of {args.rounds}; "
+    print(f"metric update: {n} classes, {'x'.join(map(str, args.shape))} {args.label_dtype} labels and int64 "
+          f"predictions, 1 thread, best of {args.rounds}; "
           f"{detect_hardware().describe()}")
     print(f"{'update':<44} {'ms':>9} {'segdist speed-up':>17}")
     ours_s = best["segdist ConfusionMatrix.update"]

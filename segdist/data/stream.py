@@ -255,15 +255,18 @@ def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
     """Batch samples of any size: pad images with 0 and masks with the ignore index up to a
     multiple of `multiple` (what encoders need), so padded pixels never count in metrics. The
     batch is (keys, images, masks, sizes): each sample's own (H, W), so that evaluation can run
-    it at its own padded size, whatever it was batched with."""
+    it at its own padded size, whatever it was batched with. Masks stay as small as their labels
+    allow, as `mask_tensor` keeps them: uint8 when every mask is and the ignore index fits, else
+    int32 (an eighth or half of an int64 batch to copy to the device and to count)."""
 
     def collate(items):
         keys, images, masks = zip(*items)
         h = max(m.shape[0] for m in masks)
         w = max(m.shape[1] for m in masks)
         h, w = padded_size(h, w, multiple)
+        small = 0 <= ignore_index <= 255 and all(m.dtype == torch.uint8 for m in masks)
         image_batch = torch.zeros(len(items), h, w, 3, dtype=torch.uint8)
-        mask_batch = torch.full((len(items), h, w), ignore_index, dtype=torch.int64)
+        mask_batch = torch.full((len(items), h, w), ignore_index, dtype=torch.uint8 if small else torch.int32)
         for i, (img, m) in enumerate(zip(images, masks)):
             image_batch[i, : img.shape[0], : img.shape[1]] = img
             mask_batch[i, : m.shape[0], : m.shape[1]] = m

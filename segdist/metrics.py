@@ -52,7 +52,7 @@ class ConfusionMatrix:
         sync, so a label outside [0, n) that is not the ignore index still fails loudly.
 
         It goes in chunks of CHUNK pixels through two reused int32 buffers that stay in the core's
-        cache: measured 7.0 -> 4.6 ms for a 4x512x1024 update (BENCHMARKS.md). Fresh full-size
+        cache: 8.2 -> 6.0 ms for a 4x512x1024 int64 update on one CPU (BENCHMARKS.md). Fresh full-size
         temporaries cost their page faults on every update, and full-size reused ones a trip to
         memory for each of the four passes over them."""
         n, ignore = self.num_classes, self.ignore_index

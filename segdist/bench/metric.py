@@ -16,9 +16,9 @@ per-class numpy loop (its mean_iou: for each class, boolean masks of prediction 
 summed) and torchmetrics' MulticlassJaccardIndex.update, on the same random labels with an
 ignore band; one thread, best of --rounds interleaved rounds. The labels are uint8 by default,
 as segdist's eval loader delivers masks of up to 256 classes, and the predictions int64, as an
-argmax gives them; all three read the same tensors (--label-dtype int64 for int64 labels). All three must agree: the per-class
-intersection and union of the notebook's loop and torchmetrics' matrix are checked against
-segdist's before any time is printed."""
+argmax gives them; all three read the same tensors (--label-dtype int64 for int64 labels).
+All three must agree: the per-class intersection and union of the notebook's loop and
+torchmetrics' matrix are checked against segdist's before any time is printed."""
 
 
 def add_parser(sub) -> None:

@@ -54,7 +54,8 @@ def _peaks(stop: threading.Event, out: dict) -> None:
             workers = me.children(recursive=True)
             main, main_pss = me.memory_info().rss, _pss(me)
             workers_pss = sum(_pss(c) for c in workers)
-        except psutil.Error:  # a worker ending between the listing and the read
+        except psutil.Error:  # a worker ending between the listing and the read: sample again
+            stop.wait(0.02)
             continue
         out["main"] = max(out.get("main", 0), main)
         out["main_pss"] = max(out.get("main_pss", 0), main_pss)

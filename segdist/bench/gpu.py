@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from segdist.bench.launched import child_failure
 from segdist.bench.step import add_model_options, time_steps
 from segdist.errors import UserError
 
@@ -152,5 +153,4 @@ def eval_check(args) -> str:
 def _check_run(argv: list[str], env: dict, what: str) -> None:
     done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"bench gpu: {what} failed (exit {done.returncode}): {tail}")
+        raise child_failure(f"bench gpu: {what}", done)

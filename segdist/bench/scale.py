@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from segdist.bench.launched import child_failure
 from segdist.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,8 +83,7 @@ def train_once(recipe: str, data: Path, run_dir: Path, steps: int, nproc: int, t
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"training with {nproc} process(es) failed (exit {done.returncode}): {tail}")
+        raise child_failure(f"training with {nproc} process(es)", done)
     return perf_of(run_dir)
 
 

@@ -93,6 +93,18 @@ def unused_devices_warning(devices: int, local_processes: int, script: str = "la
             "them all (or run `accelerate config` once)")
 
 
+def release_gloo_group() -> None:
+    """Destroy a gloo default process group this process still holds, as it exits. Exiting with
+    one alive (a user error, or any exit that skipped `end_training`) aborts the interpreter at
+    shutdown in about half the runs here ("terminate called without an active exception",
+    SIGABRT), which turns an exit 2 into a signal. NCCL's group is left to the exit: destroying one
+    whose peer still waits in a collective can hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port free on this host now, for a launcher's rendezvous."""
     with socket.socket() as s:

@@ -42,20 +42,24 @@ def mark_per_rank(exc: BaseException) -> None:
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a launch script's `main`, turning `UserError` into one stderr line and its exit code
     (2; 3 for a diverged training)."""
+    from segdist.distributed import launch_context, release_gloo_group
+
     try:
         code = main(argv)
     except KeyboardInterrupt:
+        release_gloo_group()
         sys.exit(130)
     except Exception as exc:
         error = user_error_of(exc)
         if error is None:
+            release_gloo_group()
             raise
-        from segdist.distributed import launch_context
-
         per_rank = getattr(exc, "per_rank", False) and not getattr(error, "alike_on_every_rank", False)
         if launch_context().is_main or per_rank:
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        release_gloo_group()
         sys.exit(error.exit_code)
+    release_gloo_group()
     sys.exit(code or 0)
 
 

@@ -96,7 +96,7 @@ def unused_devices_warning(devices: int, local_processes: int, script: str = "la
 def release_gloo_group() -> None:
     """Destroy a gloo default process group this process still holds, as it exits. Exiting with
     one alive (a user error, or any exit that skipped `end_training`) aborts the interpreter at
-    shutdown in about half the runs here ("terminate called without an active exception",
+    shutdown in about half the processes here ("terminate called without an active exception",
     SIGABRT), which turns an exit 2 into a signal. NCCL's group is left to the exit: destroying one
     whose peer still waits in a collective can hang."""
     import torch.distributed as dist

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import re
 
 # a child's own last word: "error: ..." (a UserError) or "pkg.SomeError: ..." from its traceback;

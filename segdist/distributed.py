@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -102,6 +103,13 @@ def release_gloo_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        # A collective's Work is released on gloo's worker thread just after wait() returns; when
+        # it held the last reference to a Python tensor (the bench's broadcast, right before its
+        # exit) that thread needs the GIL to free it, and a thread that asks for the GIL while the
+        # interpreter finalizes is torn down mid-C++: std::terminate, SIGABRT (seen in a core
+        # dump: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc ->
+        # take_gil -> pthread_exit). Sleeping releases the GIL, so the worker finishes first.
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 

@@ -93,6 +93,9 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     next_window = fetch_next() if fetch_next is not None else None
     next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
     data_wait = time.perf_counter() - tick
+    if not accelerator.sync_gradients:  # the optimizer below is stepped directly, past Accelerate's check
+        raise RuntimeError(f"a window of {len(window)} micro-batches did not end an accumulation of "
+                           f"{accelerator.gradient_accumulation_steps}: its gradients were not all-reduced")
     if scaler is not None:
         scaler.unscale_(getattr(optimizer, "optimizer", optimizer))  # clip and check the true gradient
     # The last backward all-reduced the gradients, so their norm is the same on every rank.
@@ -114,8 +117,8 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
             for buffer, saved in zip(model.buffers(), kept):
                 buffer.copy_(saved)
     elif not overflow:
-        # Applies: the window's last micro-batch synced the gradients (a window is always
-        # grad_accum micro-batches), so step the optimizer itself, not Accelerate's wrapper: with a
+        # Applies: the window's last micro-batch synced the gradients (checked above), so step the
+        # optimizer itself, not Accelerate's wrapper: with a
         # scaler the gradients are unscaled and known finite, and GradScaler.step would read its inf
         # flag back to the host, a second sync; without one the wrapper only adds two package
         # look-ups per step (is_lomo_available, about 70 us).

@@ -26,6 +26,8 @@ def test_both_numpy_loops_count_intersection_and_union_over_valid_pixels(loop):
     from segdist.bench import metric
 
     target = np.array([[0, 1, 255], [1, 1, 0]])
+    inter, union = getattr(metric, loop)(np.array([[0, 0, 1], [1, 0, 0]]), target, 2, 255)
+    assert inter.tolist() == [2, 1] and union.tolist() == [4, 3]
     pred = np.array([[0, 0, 2], [1, 0, 2]])  # the ignored pixel's prediction (2) is not counted in the union
     inter, union = getattr(metric, loop)(pred, target, 3, 255)
     assert inter.tolist() == [1, 1, 0] and union.tolist() == [4, 3, 1]

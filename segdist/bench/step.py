@@ -4,8 +4,11 @@ segdist's real `train_step` (exact loss normalisation, the packed collective, th
 guard, BatchNorm restore) runs against forward, F.cross_entropy(ignore_index), backward,
 clip_grad_norm_, optimizer.step: the same model, batches, precision ("auto" resolved on the
 device), AdamW and clipping, plain DistributedDataParallel when several processes run. Timed in
-interleaved blocks of --block steps, the two loops taking turns to go first; the best block of
---rounds counts.
+interleaved blocks of --block steps, the two loops taking turns to go first, --rounds of them.
+It prints each loop's best block, their ratio, and the paired ratio: the median over the rounds
+of bare / segdist for the two blocks that ran back to back, which cancels the machine's drift
+between rounds (on 2 shared cores the best-block ratio of the same code moved by ±4 % from run to
+run at 2 processes).
 
 `--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
 several, one thread each by default) and prints one table; launched by hand under `accelerate
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,7 +43,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     p.add_argument("--block", type=int, default=5, help="steps per timed block (default 5)")
-    p.add_argument("--rounds", type=int, default=4, help="blocks per loop, interleaved; the best counts (default 4)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="blocks per loop, interleaved; the best and the paired median count (default 10)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
                    help="launch the bench once per world size N and print them together (e.g. 1 2); default: "
@@ -65,6 +70,8 @@ class StepTiming:
     world: int
     segdist_s: float
     bare_s: float
+    paired_ratio: float
+    """The median over the rounds of bare / segdist, each round's two blocks run back to back."""
     flops_per_sample: int | None = None
 
     @property
@@ -151,16 +158,26 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     timed(segdist_block), timed(bare_block)  # warm-up (and compilation)
     best = {"segdist": math.inf, "bare": math.inf}
     loops = [("segdist", segdist_block), ("bare", bare_block)]
+    pairs = []
     for round_ in range(args.rounds):
+        this = {}
         for name, fn in loops if round_ % 2 == 0 else loops[::-1]:  # neither always goes first
-            best[name] = min(best[name], timed(fn))
+            this[name] = timed(fn)
+            best[name] = min(best[name], this[name])
+        pairs.append(this)
     # rank 0's clock speaks for all: the ranks run in lockstep through their collectives
-    figures = torch.tensor([best["segdist"], best["bare"]], dtype=torch.float64, device=device)
+    figures = torch.tensor([best["segdist"], best["bare"], paired_ratio(pairs)], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.broadcast(figures, src=0)
     plain_cfg = model_config(args.model)
     count = flops_per_sample(lambda: build_model(plain_cfg, CLASSES), (size, size)) if flops else None
     return StepTiming(args.model, size, batch, precision.name, world, *figures.tolist(), count)
+
+
+def paired_ratio(rounds: list[dict[str, float]]) -> float:
+    """The median over rounds of bare / segdist, each round's two blocks (seconds per step) timed
+    back to back: a round the machine slowed down for both loops weighs no more than any other."""
+    return statistics.median(r["bare"] / r["segdist"] for r in rounds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,12 +221,14 @@ def header(args, timings: list[StepTiming], machine: str) -> str:
     t = timings[0]
     worlds = ", ".join(str(x.world) for x in timings)
     return (f"train step: {t.model}, batch {t.batch} per process at {t.size}x{t.size}, {t.precision}, "
-            f"{worlds} process(es), {args.threads} thread(s) each, best of {args.rounds} interleaved blocks of "
-            f"{args.block}; {machine}")
+            f"{worlds} process(es), {args.threads} thread(s) each, {args.rounds} interleaved rounds of blocks of "
+            f"{args.block} steps; {machine}")
 
 
 def table(timings: list[StepTiming]) -> str:
-    lines = [f"{'processes':>9} {'segdist ms/step':>16} {'bare ms/step':>13} {'bare / segdist':>15}"]
+    lines = [f"{'processes':>9} {'segdist ms/step':>16} {'bare ms/step':>13} {'bare / segdist':>15} {'paired':>7}",
+             f"{'':>9} {'(best block)':>16} {'(best block)':>13} {'(best blocks)':>15} {'median':>7}"]
     for t in timings:
-        lines.append(f"{t.world:>9} {1000 * t.segdist_s:>16.1f} {1000 * t.bare_s:>13.1f} {t.ratio:>15.3f}")
+        lines.append(f"{t.world:>9} {1000 * t.segdist_s:>16.1f} {1000 * t.bare_s:>13.1f} {t.ratio:>15.3f} "
+                     f"{t.paired_ratio:>7.3f}")
     return "\n".join(lines)

@@ -125,11 +125,11 @@ def _gloo_alive() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
 
 
-def release_gloo_group() -> None:
+def release_gloo_group() -> bool:
     """Let gloo's worker threads finish with this process's last collectives, then destroy a gloo
     default process group this process still holds, as it exits. Called on every way out
     (segdist.errors.run_cli). NCCL's group is left to the exit: destroying one whose peer still
-    waits in a collective can hang.
+    waits in a collective can hang. Returns whether this process formed a gloo group.
 
     A collective's Work is released on gloo's worker thread just after wait() returns; when it held
     the last reference to a Python tensor (the bench's broadcast of its figures, right before its
@@ -141,12 +141,14 @@ def release_gloo_group() -> None:
     finish first. `Accelerator.end_training` destroys the group before this runs, which does not
     stop the workers (DDP modules still hold the group): so the sleep is for any process that
     formed a gloo group, alive or not (without it about 1 in 25 bench launches still aborted)."""
-    if _gloo_formed or _gloo_alive():
+    formed = _gloo_formed or _gloo_alive()
+    if formed:
         time.sleep(0.05)
     if _gloo_alive():
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    return formed
 
 
 def free_port() -> int:

@@ -126,27 +126,23 @@ def _gloo_alive() -> bool:
 
 
 def release_gloo_group() -> bool:
-    """Let gloo's worker threads finish with this process's last collectives, then destroy a gloo
-    default process group this process still holds, as it exits. Called on every way out
-    (segdist.errors.run_cli). NCCL's group is left to the exit: destroying one whose peer still
-    waits in a collective can hang. Returns whether this process formed a gloo group.
+    """Destroy a gloo default process group this process still holds, as it exits; returns whether
+    this process formed a gloo group at all (alive, or destroyed since by `end_training`), for
+    `segdist.errors.leave`, which then leaves without the interpreter's teardown. NCCL's group is
+    left to the exit: destroying one whose peer still waits in a collective can hang.
 
     A collective's Work is released on gloo's worker thread just after wait() returns; when it held
-    the last reference to a Python tensor (the bench's broadcast of its figures, right before its
-    exit) that thread needs the GIL to free it, and a thread that asks for the GIL while the
-    interpreter finalizes is torn down mid-C++: std::terminate, SIGABRT, "terminate called without
-    an active exception" (seen in a core dump: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
-    THPVariable_dealloc -> take_gil -> pthread_exit). An exit 2 showed up as that signal in about
-    half the 2-rank runs that still held a live group. Sleeping releases the GIL so the worker can
-    finish first. `Accelerator.end_training` destroys the group before this runs, which does not
-    stop the workers (DDP modules still hold the group): so the sleep is for any process that
-    formed a gloo group, alive or not (without it about 1 in 25 bench launches still aborted)."""
+    the last reference to a Python tensor that thread needs the GIL to free it, and a thread that
+    asks for the GIL while the interpreter finalizes is torn down mid-C++: std::terminate, SIGABRT
+    (seen in a core dump: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc
+    -> take_gil -> pthread_exit). The sleep before destroying a live group lets the worker finish
+    first; it matters for the one way out that still goes through the teardown, a bug's traceback.
+    """
     formed = _gloo_formed or _gloo_alive()
-    if formed:
-        time.sleep(0.05)
     if _gloo_alive():
         import torch.distributed as dist
 
+        time.sleep(0.05)
         dist.destroy_process_group()
     return formed
 

@@ -142,6 +142,9 @@ class LossConfig:
                 raise UserError(f"loss.class_weights must be >= 0 with at least one > 0, got {self.class_weights}")
 
 
+OPTIM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+
 @dataclass
 class OptimConfig:
     name: str = "adamw"
@@ -158,6 +161,11 @@ class OptimConfig:
     """Adam/AdamW betas."""
     encoder_lr_mult: float = 1.0
     """LR multiplier of the model's `encoder` parameters (e.g. 0.1 for a pretrained backbone)."""
+    implementation: str = "fused"
+    """How torch runs the update: fused (one kernel for all parameters, on CPU and CUDA), foreach
+    (one op per step of the update, over all parameters) or for-loop (per parameter; torch's CPU
+    default). The same update, computed differently: fused rounds differently from the other two,
+    so a run resumed under another implementation is no longer bit-identical to one never stopped."""
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -168,6 +176,9 @@ class OptimConfig:
             raise UserError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise UserError("optim.nesterov needs optim.name = \"sgd\" and optim.momentum > 0")
+        if self.implementation not in OPTIM_IMPLEMENTATIONS:
+            raise UserError(f"optim.implementation: unknown {self.implementation!r}; valid: "
+                            f"{', '.join(OPTIM_IMPLEMENTATIONS)}")
 
 
 @dataclass

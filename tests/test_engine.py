@@ -151,17 +151,21 @@ class _Gain(torch.nn.Module):
         return x * 1000.0
 
 
-def _scaler_setup(init_scale: float):
+def _scaler_setup(init_scale: float, implementation: str = "fused"):
     from segdist.distributed import make_accelerator
     from segdist.losses import build_loss
+    from segdist.optim import build_optimizer
     from segdist.precision import Precision
-    from segdist.recipe import LossConfig
+    from segdist.recipe import LossConfig, OptimConfig
 
     accelerator = make_accelerator(Precision("fp32", "fp32", "test"), 1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 3, 1), _Gain())
-    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1e-6))
+    # A fused optimizer also reads the scaler's grad_scale / found_inf when GradScaler.step drives
+    # it; train_step steps it itself, on gradients already unscaled and known finite.
+    sgd = OptimConfig(name="sgd", lr=1e-6, weight_decay=0.0, momentum=0.0, implementation=implementation)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, sgd))
     # torch runs GradScaler on the CPU: the same unscale / inf check / backoff as on a GPU under fp16.
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=2.0**-100, growth_interval=1000)
     g = torch.Generator().manual_seed(0)
@@ -176,10 +180,11 @@ def _state():
     return TrainState()
 
 
-def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step():
+@pytest.mark.parametrize("implementation", ["fused", "for-loop"])
+def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step(implementation):
     from segdist.step import train_step
 
-    accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**126)
+    accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**126, implementation)
     state, before = _state(), [p.detach().clone() for p in model.state_dict().values()]
     out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
     # The scaled gradient overflowed to inf: no update (weights and BatchNorm statistics as they

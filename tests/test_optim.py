@@ -11,7 +11,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, PolynomialLR, SequentialLR
 
 from segdist.errors import UserError
-from segdist.optim import build_optimizer, build_scheduler
+from segdist.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from segdist.recipe import OptimConfig, ScheduleConfig
 
 LR, T, W = 0.1, 50, 5
@@ -145,8 +145,39 @@ def test_optimizers_are_built_as_named():
     (lambda: build_optimizer(torch.nn.Linear(2, 2), OptimConfig(encoder_lr_mult=0.1)), "no `encoder` submodule"),
     (lambda: OptimConfig(name="adamw", nesterov=True), "optim.nesterov"),
     (lambda: OptimConfig(betas=[0.9]), "optim.betas"),
+    (lambda: OptimConfig(implementation="fast"), "optim.implementation: unknown 'fast'; valid: fused, foreach, for-loop"),
 ])
 def test_errors_name_the_key(make, needle):
     with pytest.raises(UserError) as err:
         make()
     assert needle in str(err.value)
+
+
+def _steps(name: str, implementation: str, steps: int = 5) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    """`steps` updates of a small conv net (decayed weights, undecayed norms and biases) from the
+    same gradients, under one optim.implementation."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
+    opt = build_optimizer(model, OptimConfig(name=name, lr=0.01, weight_decay=0.05, nesterov=name == "sgd",
+                                             implementation=implementation))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_implementation_takes_the_same_update(name):
+    flags = {"fused": (True, None), "foreach": (None, True), "for-loop": (None, False)}
+    weights = {}
+    for implementation, (fused, foreach) in flags.items():
+        opt, weights[implementation] = _steps(name, implementation)
+        assert (opt.defaults["fused"], opt.defaults["foreach"]) == (fused, foreach)
+    # foreach computes the for-loop's arithmetic, element by element; fused rounds its own way.
+    assert all(torch.equal(a, b) for a, b in zip(weights["foreach"], weights["for-loop"]))
+    for a, b in zip(weights["fused"], weights["for-loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert weights["fused"][0].ne(_steps(name, "fused", steps=0)[1][0]).all()  # and it did update
+

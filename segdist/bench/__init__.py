@@ -5,6 +5,7 @@ baseline measured in the same run (see BENCHMARKS.md).
 - data: training-input throughput, shards vs a folder of files, JPEG vs PNG;
 - metric: the confusion-matrix update vs seed notebook 002's numpy loop and torchmetrics;
 - step: segdist's train step vs a bare PyTorch (DDP) loop, at 1 and 2 processes;
+- optim: the train step under each optim.implementation (fused, foreach, for-loop);
 - scale: training samples/s of the real training path at 1 vs 2 processes;
 - eval: evaluation samples/s of whole / slide / slide + flip, and the share spent counting;
 - gpu: the CUDA checks (step ratio with channels_last and torch.compile, MFU, exact eval).
@@ -16,11 +17,11 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from segdist.bench import data, eval, gpu, metric, scale, step
+    from segdist.bench import data, eval, gpu, metric, optim, scale, step
 
     parser = argparse.ArgumentParser(description="segdist benchmarks; each prints a table.")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for module in (data, metric, step, scale, eval, gpu):
+    for module in (data, metric, step, optim, scale, eval, gpu):
         module.add_parser(sub)
     return parser
 

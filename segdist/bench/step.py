@@ -1,14 +1,15 @@
 """`launch/bench.py step`: segdist's train step against the loop a user writes by hand.
 
-segdist's real `train_step` (exact loss normalisation, the packed collective, the non-finite
-guard, BatchNorm restore) runs against forward, F.cross_entropy(ignore_index), backward,
-clip_grad_norm_, optimizer.step: the same model, batches, precision ("auto" resolved on the
-device), AdamW and clipping, plain DistributedDataParallel when several processes run. Timed in
-interleaved blocks of --block steps, the two loops taking turns to go first, --rounds of them.
-It prints each loop's best block, their ratio, and the paired ratio: the median over the rounds
-of bare / segdist for the two blocks that ran back to back, which cancels the machine's drift
-between rounds (on 2 shared cores, two identical bare loops gave best-block ratios from 0.92 to
-1.05 at 2 processes, paired medians from 0.97 to 0.99).
+segdist's real `train_step` (exact loss normalisation, the packed collective, the non-finite guard,
+BatchNorm restore) runs against forward, F.cross_entropy(ignore_index), backward, clip_grad_norm_,
+optimizer.step: the same model, batches, precision ("auto" resolved on the device), AdamW
+(segdist's default optim.implementation, fused, in both) and clipping, plain
+DistributedDataParallel when several processes run. Timed in interleaved blocks of --block steps,
+the two loops taking turns to go first, --rounds of them. It prints each loop's best block, their
+ratio, and the paired ratio: the median over the rounds of bare / segdist for the two blocks that
+ran back to back, which cancels the machine's drift between rounds (on 2 shared cores, two
+identical bare loops gave best-block ratios from 0.92 to 1.05 at 2 processes, paired medians from
+0.97 to 0.99).
 
 `--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
 several, one thread each by default) and prints one table; launched by hand under `accelerate
@@ -97,7 +98,8 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     from segdist.preprocess import to_input
     from segdist.losses import build_loss
     from segdist.models import build_model, prepare_model
-    from segdist.recipe import LossConfig
+    from segdist.optim import IMPLEMENTATION_ARGS
+    from segdist.recipe import LossConfig, OptimConfig
     from segdist.telemetry import flops_per_sample
 
     _, _, _, default_size, default_batch = MODELS[args.model]
@@ -110,10 +112,12 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     masks[:, :2] = 255
     loss_fn = build_loss(LossConfig(), CLASSES, 255)
 
+    how = IMPLEMENTATION_ARGS[OptimConfig().implementation]  # segdist's default, in both loops
+
     def fresh():
         torch.manual_seed(0)
         model = prepare_model(build_model(cfg, CLASSES), cfg, device.type, world)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **how)
 
     seg_model, seg_opt = accelerator.prepare(*fresh())
     bare_model, bare_opt = fresh()

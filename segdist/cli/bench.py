@@ -1,4 +1,4 @@
-"""Benchmarks:  python launch/bench.py {data,metric,step,scale,eval,gpu} [...]   (--help on each)
+"""Benchmarks:  python launch/bench.py {data,metric,step,optim,scale,eval,gpu} [...]   (--help on each)
 
 `data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
 folder of files, JPEG- vs PNG-stored shards. `metric` times the confusion-matrix update against

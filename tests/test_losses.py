@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import free_port
+from conftest import free_port, leave_worker
 from segdist.errors import UserError
 from segdist.losses import TERMS, build_loss, derive_class_weights
 from segdist.recipe import LossConfig
@@ -176,7 +176,7 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
         after = accelerator.unwrap_model(model).parameters()
         result[name] = [b - a.detach() for b, a in zip(before, after)]
     torch.save(result, os.path.join(out_dir, f"grad-{rank}.pt"))
-    accelerator.end_training()
+    leave_worker(accelerator)
 
 
 def reference_gradient(name: str, per_micro_batch_mean: bool = False) -> list[torch.Tensor]:

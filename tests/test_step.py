@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from segdist.distributed import make_accelerator, release_gloo_group
-from segdist.errors import leave_now
+from conftest import leave_worker
+from segdist.distributed import make_accelerator
 from segdist.losses import build_loss
 from segdist.precision import Precision
 from segdist.recipe import LossConfig
@@ -88,11 +88,7 @@ def _order_worker(rank: int, port: int, out_dir: str) -> None:
                      stop_requested=rank == 1, fetch_next=lambda: next_window)
     torch.save({"events": events, "applied": out.applied, "stopping": out.stopping,
                 "next_counts": out.next_counts}, os.path.join(out_dir, f"order-{rank}.pt"))
-    # Out as segdist's command lines leave a gloo run (segdist.errors.run_cli): a worker that
-    # went through the interpreter's teardown instead aborted (SIGABRT) in 6 of 30 runs.
-    accelerator.end_training()
-    release_gloo_group()
-    leave_now(0)
+    leave_worker(accelerator)
 
 
 @pytest.mark.slow

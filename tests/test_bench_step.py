@@ -31,6 +31,21 @@ def test_step_bench_in_this_process_times_both_loops(capsys):
     assert paired == pytest.approx(ratio, abs=0.002)
 
 
+def test_the_aa_check_puts_a_second_bare_loop_in_segdists_column(capsys, monkeypatch):
+    import segdist.step
+
+    def not_segdist(*args, **kwargs):
+        raise AssertionError("segdist's train_step ran in an A/A check")
+
+    monkeypatch.setattr(segdist.step, "train_step", not_segdist)
+    args = build_parser().parse_args(["step", "--aa", "--block", "1", "--rounds", "2", "--size", "32"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train step A/A (a second bare loop in segdist's column): demo, batch 8 per process at 32x32")
+    (seg, bare, ratio, paired), = rows(out[3:]).values()
+    assert seg > 0 and bare > 0 and paired > 0
+
+
 def test_the_paired_ratio_is_the_median_of_the_rounds_back_to_back_ratios():
     from segdist.bench.step import paired_ratio
 

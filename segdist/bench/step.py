@@ -9,7 +9,7 @@ the two loops taking turns to go first, --rounds of them. It prints each loop's 
 ratio, and the paired ratio: the median over the rounds of bare / segdist for the two blocks that
 ran back to back, which cancels the machine's drift between rounds (on 2 shared cores, two
 identical bare loops gave best-block ratios from 0.92 to 1.05 at 2 processes, paired medians from
-0.97 to 0.99).
+0.97 to 0.99; `--aa` runs that check).
 
 `--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
 several, one thread each by default) and prints one table; launched by hand under `accelerate
@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=10,
                    help="blocks per loop, interleaved; the best and the paired median count (default 10)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--aa", action="store_true",
+                   help="A/A check: a second bare loop (its own model, optimizer and DDP) takes segdist's place; how "
+                        "far its ratios stray from 1 is this machine's noise floor for the bench")
     p.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
                    help="launch the bench once per world size N and print them together (e.g. 1 2); default: "
                         "time the world size this was launched with")
@@ -119,37 +122,47 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
         model = prepare_model(build_model(cfg, CLASSES), cfg, device.type, world)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **how)
 
-    seg_model, seg_opt = accelerator.prepare(*fresh())
-    bare_model, bare_opt = fresh()
-    bare_model.to(device)
-    if world > 1:
-        bare_model = DistributedDataParallel(bare_model, device_ids=[device.index] if device.type == "cuda" else None)
-    bare_scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
     window, carried = [(images, masks)], {"counts": None}
 
-    def segdist_block():
-        # As the engine's loop runs it: each step's collective carries the next window's counts.
-        for _ in range(args.block):
-            out = train_step(seg_model, seg_opt, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler,
-                             counts=carried["counts"], fetch_next=lambda: window)
-            carried["counts"] = out.next_counts
+    def segdist_loop():
+        model, optimizer = accelerator.prepare(*fresh())
 
-    def bare_block():
-        for _ in range(args.block):
-            with accelerator.autocast():
-                logits = bare_model(to_input(images, device))
-            loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)
-            if bare_scaler is None:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
-                bare_opt.step()
-            else:
-                bare_scaler.scale(loss).backward()
-                bare_scaler.unscale_(bare_opt)
-                torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
-                bare_scaler.step(bare_opt)
-                bare_scaler.update()
-            bare_opt.zero_grad(set_to_none=True)
+        def block():
+            # As the engine's loop runs it: each step's collective carries the next window's counts.
+            for _ in range(args.block):
+                out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler,
+                                 counts=carried["counts"], fetch_next=lambda: window)
+                carried["counts"] = out.next_counts
+        return block
+
+    def bare_loop():
+        model, optimizer = fresh()
+        model.to(device)
+        if world > 1:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
+
+        def block():
+            for _ in range(args.block):
+                with accelerator.autocast():
+                    logits = model(to_input(images, device))
+                loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)
+                if scaler is None:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+        return block
+
+    # --aa: a second bare loop, built where segdist's is, takes segdist's place: the bench's noise floor
+    segdist_block = bare_loop() if getattr(args, "aa", False) else segdist_loop()
+    bare_block = bare_loop()
 
     def timed(fn) -> float:
         accelerator.wait_for_everyone()
@@ -214,6 +227,7 @@ def run_launched(args: argparse.Namespace) -> int:
 
     child = ["--model", args.model, "--block", str(args.block), "--rounds", str(args.rounds), "--threads", str(args.threads)]
     child += [*(["--size", str(args.size)] if args.size else []), *(["--batch", str(args.batch)] if args.batch else [])]
+    child += ["--aa"] if args.aa else []
     with tempfile.TemporaryDirectory(prefix="segdist-bench-step-") as tmp:
         timings = [StepTiming(**r) for r in run_per_world_size("step", child, args.processes, args.threads, tmp)]
     print(header(args, timings, detect_hardware().describe()))
@@ -224,7 +238,8 @@ def run_launched(args: argparse.Namespace) -> int:
 def header(args, timings: list[StepTiming], machine: str) -> str:
     t = timings[0]
     worlds = ", ".join(str(x.world) for x in timings)
-    return (f"train step: {t.model}, batch {t.batch} per process at {t.size}x{t.size}, {t.precision}, "
+    what = "train step A/A (a second bare loop in segdist's column)" if args.aa else "train step"
+    return (f"{what}: {t.model}, batch {t.batch} per process at {t.size}x{t.size}, {t.precision}, "
             f"{worlds} process(es), {args.threads} thread(s) each, {args.rounds} interleaved rounds of blocks of "
             f"{args.block} steps; {machine}")
 

@@ -181,3 +181,16 @@ def test_every_implementation_takes_the_same_update(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert weights["fused"][0].ne(_steps(name, "fused", steps=0)[1][0]).all()  # and it did update
 
+
+
+def test_a_state_saved_by_another_implementation_loads_and_steps():
+    # a checkpoint written before fused became the default resumes under it (and back)
+    for saved_by, loaded_by in (("for-loop", "fused"), ("fused", "for-loop")):
+        opt, _ = _steps("adamw", saved_by, steps=2)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
+        again = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.05, implementation=loaded_by))
+        again.load_state_dict(opt.state_dict())
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        again.step()
+        assert all(s["step"].item() == 3 for s in again.state.values()) and len(again.state) == 6

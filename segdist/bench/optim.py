@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         return (time.perf_counter() - start) / args.block
 
     def optimizer_block(name: str) -> float:
-        model, optimizer = setups[name]
+        model, prepared = setups[name]
+        optimizer = prepared.optimizer  # torch's own, without Accelerate's wrapper
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-3)
         start = time.perf_counter()

@@ -63,7 +63,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 IMPLEMENTATION_ARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 """optim.implementation as torch's constructor arguments. torch's own default on CPU is the
 for-loop; fused took 1.4-1.7 ms against 5.2-8.1 ms per AdamW step of the demo UNet (1.9 M
-parameters, 64 tensors, 1 thread) and made its whole train step 3-5 % faster (BENCHMARKS.md)."""
+parameters, 64 tensors, 1 thread) and made its whole train step 2-5 % faster (BENCHMARKS.md)."""
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -35,6 +35,7 @@ class StepOutcome:
     stopping: bool
     """Some rank received a stop signal: every rank stops after this step."""
     next_window: list | None
+    """The window `fetch_next` drew, its labels already int64 on the device (`on_device`)."""
     next_counts: list[float] | None
     """The loss counts of `next_window`, summed over ranks (what the next step divides by)."""
     data_wait: float
@@ -73,6 +74,16 @@ class BufferSnapshot:
         if self.live:
             with torch.no_grad():
                 torch._foreach_copy_(self.live, self.saved)
+
+
+def on_device(window: list | None, device) -> list | None:
+    """A window's labels as the loss reads them: int64 on `device`. A no-op for labels already so
+    (the step before moved the next window's); the images stay as the loader gave them (to_input
+    moves them). Done once per window, not twice: casting uint8 labels of 512x1024 took 0.35 ms
+    for 4 of them and 14.7 ms for 8 (fresh pages every time) on one CPU thread."""
+    if not window:
+        return window
+    return [(images, masks.to(device, non_blocking=True).long()) for images, masks in window]
 
 
 def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -116,7 +127,8 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     collective of their own.
     """
     device = accelerator.device
-    masks = [m.to(device, non_blocking=True).long() for _, m in window]
+    window = on_device(window, device)
+    masks = [m for _, m in window]
     if counts is None:
         counts = accelerator.reduce(window_counts(loss_fn, masks), reduction="sum").tolist()
     n_terms = len(counts)
@@ -140,8 +152,9 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
                                        "all-reduced")
                 # On a GPU the forward's kernels are still running: fetch the next window meanwhile.
                 tick = time.perf_counter()
-                next_window = fetch_next() if fetch_next is not None else None
-                next_masks = [m.to(device, non_blocking=True).long() for _, m in next_window] if next_window else []
+                # Its labels go to the device once: the next step gets them there (as `window`).
+                next_window = on_device(fetch_next(), device) if fetch_next is not None else None
+                next_masks = [m for _, m in next_window] if next_window else []
                 data_wait = time.perf_counter() - tick
                 next_local = (window_counts(loss_fn, next_masks) if next_masks
                               else torch.zeros(n_terms, dtype=torch.float64, device=device))

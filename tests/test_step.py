@@ -26,6 +26,33 @@ def test_a_window_that_does_not_end_an_accumulation_is_refused_before_the_optimi
     accelerator.end_training()
 
 
+def test_the_next_windows_labels_are_cast_once_and_train_the_next_step_as_they_are():
+    from segdist.step import on_device
+
+    accelerator = make_accelerator(Precision("fp32", "fp32", "test"), 1)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    g = torch.Generator().manual_seed(0)
+
+    def draw():  # as the loader gives them: uint8 images and labels
+        return [(torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 3, (2, 8, 8), dtype=torch.uint8, generator=g))]
+
+    loss_fn = build_loss(LossConfig(), 3, 255)
+    drawn = draw()
+    out = train_step(model, optimizer, loss_fn, draw(), accelerator, 0.0, fetch_next=lambda: drawn)
+    (images, labels), = out.next_window
+    assert images is drawn[0][0] and labels.dtype == torch.int64 and labels.device == accelerator.device
+    assert torch.equal(labels, drawn[0][1].long())
+    assert on_device(out.next_window, accelerator.device)[0][1] is labels  # the next step casts nothing
+    assert out.next_counts == [2 * 64.0]
+    before = model.weight.detach().clone()
+    out = train_step(model, optimizer, loss_fn, out.next_window, accelerator, 0.0, counts=out.next_counts)
+    assert out.applied and out.next_window is None and not torch.equal(before, model.weight)
+    accelerator.end_training()
+
+
 def test_the_buffer_snapshot_puts_back_the_running_statistics_even_after_the_buffers_were_replaced():
     from segdist.step import BufferSnapshot
 

@@ -22,12 +22,10 @@ def leave_worker(accelerator) -> None:
     one (segdist.errors.run_cli): through the interpreter's teardown instead, such a worker aborted
     now and then (SIGABRT, "terminate called without an active exception"; 6 of 30 runs of a
     2-rank worker, and once in a `make test` of 498 tests)."""
-    from segdist.distributed import release_gloo_group
-    from segdist.errors import leave_now
+    from segdist.errors import leave
 
     accelerator.end_training()
-    release_gloo_group()
-    leave_now(0)
+    leave(0)
 
 
 @pytest.fixture(autouse=True)

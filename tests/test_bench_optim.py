@@ -23,10 +23,11 @@ def test_optim_bench_times_the_train_step_under_every_implementation(capsys, opt
 
 
 def test_the_paired_ratio_is_the_median_of_back_to_back_ratios():
-    from segdist.bench.optim import paired
+    from segdist.bench.step import paired_ratio
 
     # the second round ran while the machine was slow for both
-    assert paired([0.100, 0.300, 0.110], [0.090, 0.290, 0.100]) == pytest.approx(1.1)
+    rounds = [{"for-loop": 0.100, "fused": 0.090}, {"for-loop": 0.300, "fused": 0.290}, {"for-loop": 0.110, "fused": 0.100}]
+    assert paired_ratio(rounds, "for-loop", "fused") == pytest.approx(1.1)
 
 
 def test_optim_bench_refuses_an_empty_block():

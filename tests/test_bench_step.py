@@ -46,6 +46,14 @@ def test_the_aa_check_puts_a_second_bare_loop_in_segdists_column(capsys, monkeyp
     assert seg > 0 and bare > 0 and paired > 0
 
 
+def test_a_launched_aa_check_passes_aa_to_its_child(capsys):
+    args = build_parser().parse_args(["step", "--aa", "--processes", "1", "--block", "1", "--rounds", "1", "--size", "32"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train step A/A (a second bare loop in segdist's column)") and "1 process(es)" in out[0]
+    assert sorted(rows(out[3:])) == [1]
+
+
 def test_the_paired_ratio_is_the_median_of_the_rounds_back_to_back_ratios():
     from segdist.bench.step import paired_ratio
 

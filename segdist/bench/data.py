@@ -31,6 +31,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from segdist.bench import require_positive
 from segdist.data.augment import PRESETS, build_augment, seed_pipeline
 from segdist.data.convert import parallel_map
 from segdist.data.shapes import PALETTE, class_names, make_scene
@@ -199,9 +200,7 @@ def run_data(args: argparse.Namespace) -> int:
         from segdist.bench.rss import run_rss
 
         return run_rss(args)
-    for name in ("count", "batch_size", "batches", "rounds", "samples_per_shard"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "count", "batch_size", "batches", "rounds", "samples_per_shard")
     if args.workers < 0 or args.warmup < 0 or min(args.size) < 8 or min(args.crop) < 1:
         raise UserError("--workers and --warmup must be >= 0, --size at least 8 8 and --crop positive")
     if args.count < args.batch_size:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.errors import UserError
+from segdist.bench import require_positive
 
 
 def add_parser(sub) -> None:
@@ -70,9 +70,7 @@ class Timed:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("count", "size", "crop", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "count", "size", "crop", "batch_size", "threads")
     if args.processes:
         return run_launched(args)
     from segdist.bench.scale import convert_shapes

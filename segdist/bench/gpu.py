@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from segdist.bench import require_positive
 from segdist.bench.launched import child_failure
 from segdist.bench.step import add_model_options, time_steps
 from segdist.errors import UserError
@@ -61,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
     elif not torch.cuda.is_available():
         raise UserError("bench gpu: no CUDA device is visible here; run it on a GPU machine, or add --device cpu to "
                         "try the same checks on the CPU")
-    for name in ("block", "rounds", "frames", "train_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "block", "rounds", "frames", "train_steps")
     from segdist.distributed import make_accelerator
     from segdist.precision import detect_hardware, resolve_precision
 

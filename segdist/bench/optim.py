@@ -12,12 +12,11 @@ default on CPU; foreach is its default on CUDA; segdist's default is fused.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
-from segdist.errors import UserError
+from segdist.bench import require_positive
 
 
 def add_parser(sub) -> None:
@@ -35,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segdist.bench.step import CLASSES, MODELS, model_config
+    from segdist.bench.step import CLASSES, MODELS, model_config, paired_ratio, synthetic_window
     from segdist.distributed import make_accelerator
     from segdist.losses import build_loss
     from segdist.models import build_model, prepare_model
@@ -44,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from segdist.recipe import LossConfig, OptimConfig
     from segdist.step import train_step
 
-    for name in ("block", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "block", "rounds", "threads")
     precision = resolve_precision("auto")
     accelerator = make_accelerator(precision, 1)
     torch.set_num_threads(args.threads)
@@ -54,11 +51,8 @@ def run(args: argparse.Namespace) -> int:
     _, _, _, default_size, default_batch = MODELS[args.model]
     size, batch = args.size or default_size, args.batch or default_batch
     cfg = model_config(args.model)
-    g = torch.Generator().manual_seed(0)
-    window = [(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g),
-               torch.randint(0, CLASSES, (batch, size, size), generator=g))]
+    window = synthetic_window(size, batch, 0)
     loss_fn = build_loss(LossConfig(), CLASSES, 255)
-    scaler = accelerator.scaler if precision.loss_scaling else None
     names = list(IMPLEMENTATION_ARGS)
     setups = {}
     for name in names:
@@ -71,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model, optimizer = setups[name]
         start = time.perf_counter()
         for _ in range(args.block):
-            train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=scaler)
+            train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / args.block
@@ -92,26 +86,15 @@ def run(args: argparse.Namespace) -> int:
 
     for name in names:  # warm-up
         step_block(name)
-    steps: dict[str, list[float]] = {name: [] for name in names}
-    alone: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            steps[name].append(step_block(name))
-    for round_ in range(args.rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            alone[name].append(optimizer_block(name))
+    steps = [{name: step_block(name) for name in (names if r % 2 == 0 else names[::-1])} for r in range(args.rounds)]
+    alone = [{name: optimizer_block(name) for name in (names if r % 2 == 0 else names[::-1])} for r in range(args.rounds)]
     print(f"train step by optim.implementation: {args.model}, batch {batch} at {size}x{size}, {precision.name}, "
           f"{args.optimizer}, 1 process, {args.threads} thread(s), {args.rounds} interleaved rounds of blocks of "
           f"{args.block} steps; {detect_hardware().describe()}")
-    print(table({name: (min(steps[name]), paired(steps["for-loop"], steps[name]), min(alone[name]))
+    print(table({name: (min(r[name] for r in steps), paired_ratio(steps, "for-loop", name), min(r[name] for r in alone))
                  for name in names}))
     accelerator.end_training()
     return 0
-
-
-def paired(reference: list[float], other: list[float]) -> float:
-    """The median over rounds of reference / other, each round's blocks timed back to back."""
-    return statistics.median(r / o for r, o in zip(reference, other))
 
 
 def table(rows: dict[str, tuple[float, float, float]]) -> str:

@@ -9,7 +9,7 @@ the two loops taking turns to go first, --rounds of them. It prints each loop's 
 ratio, and the paired ratio: the median over the rounds of bare / segdist for the two blocks that
 ran back to back, which cancels the machine's drift between rounds (on 2 shared cores, two
 identical bare loops gave best-block ratios from 0.92 to 1.05 at 2 processes, paired medians from
-0.97 to 0.99; `--aa` runs that check).
+0.967 to 1.017, over 10 runs; `--aa` runs that check).
 
 `--processes 1 2` launches the bench once per world size (`accelerate launch --multi_gpu` for
 several, one thread each by default) and prints one table; launched by hand under `accelerate
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.errors import UserError
+from segdist.bench import require_positive
 
 MODELS = {
     # name: (arch, encoder, arch_args, size, batch); 5 classes as the shapes demo
@@ -77,6 +77,8 @@ class StepTiming:
     paired_ratio: float
     """The median over the rounds of bare / segdist, each round's two blocks run back to back."""
     flops_per_sample: int | None = None
+    aa: bool = False
+    """An A/A run: a second bare loop timed in segdist's place."""
 
     @property
     def ratio(self) -> float:
@@ -91,9 +93,20 @@ def model_config(name: str, channels_last: bool = False, compile: bool = False):
                        channels_last=channels_last, compile=compile)
 
 
+def synthetic_window(size: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One micro-batch as the loader gives it: uint8 HxWx3 images and uint8 labels of CLASSES
+    classes, their top two rows ignored (255)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, CLASSES, (batch, size, size), dtype=torch.uint8, generator=g)
+    masks[:, :2] = 255
+    return [(images, masks)]
+
+
 def time_steps(args, accelerator, precision, channels_last: bool = False, compile: bool = False,
-               flops: bool = False) -> StepTiming:
-    """Both loops on this process's accelerator; every rank returns the same (rank 0's) figures."""
+               flops: bool = False, aa: bool = False) -> StepTiming:
+    """Both loops on this process's accelerator; every rank returns the same (rank 0's) figures.
+    `aa`: a second bare loop in segdist's place (`--aa`)."""
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
@@ -109,10 +122,8 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     size, batch = args.size or default_size, args.batch or default_batch
     cfg = model_config(args.model, channels_last, compile)
     device, world = accelerator.device, accelerator.num_processes
-    g = torch.Generator().manual_seed(accelerator.process_index)  # each rank its own batch, as in training
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
-    masks = torch.randint(0, CLASSES, (batch, size, size), generator=g)
-    masks[:, :2] = 255
+    window = synthetic_window(size, batch, accelerator.process_index)  # each rank its own batch, as in training
+    (images, masks), = window
     loss_fn = build_loss(LossConfig(), CLASSES, 255)
 
     how = IMPLEMENTATION_ARGS[OptimConfig().implementation]  # segdist's default, in both loops
@@ -122,7 +133,7 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
         model = prepare_model(build_model(cfg, CLASSES), cfg, device.type, world)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **how)
 
-    window, carried = [(images, masks)], {"counts": None}
+    carried = {"counts": None}
 
     def segdist_loop():
         model, optimizer = accelerator.prepare(*fresh())
@@ -146,7 +157,8 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
             for _ in range(args.block):
                 with accelerator.autocast():
                     logits = model(to_input(images, device))
-                loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)
+                labels = masks.to(device, non_blocking=True).long()  # as each new batch needs
+                loss = F.cross_entropy(logits.float(), labels, ignore_index=255)
                 if scaler is None:
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,7 +173,7 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
         return block
 
     # --aa: a second bare loop, built where segdist's is, takes segdist's place: the bench's noise floor
-    segdist_block = bare_loop() if getattr(args, "aa", False) else segdist_loop()
+    segdist_block = bare_loop() if aa else segdist_loop()
     bare_block = bare_loop()
 
     def timed(fn) -> float:
@@ -188,19 +200,17 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
         torch.distributed.broadcast(figures, src=0)
     plain_cfg = model_config(args.model)
     count = flops_per_sample(lambda: build_model(plain_cfg, CLASSES), (size, size)) if flops else None
-    return StepTiming(args.model, size, batch, precision.name, world, *figures.tolist(), count)
+    return StepTiming(args.model, size, batch, precision.name, world, *figures.tolist(), count, aa)
 
 
-def paired_ratio(rounds: list[dict[str, float]]) -> float:
-    """The median over rounds of bare / segdist, each round's two blocks (seconds per step) timed
-    back to back: a round the machine slowed down for both loops weighs no more than any other."""
-    return statistics.median(r["bare"] / r["segdist"] for r in rounds)
+def paired_ratio(rounds: list[dict[str, float]], numerator: str = "bare", denominator: str = "segdist") -> float:
+    """The median over rounds of numerator / denominator, each round's blocks (seconds per step)
+    timed back to back: a round the machine slowed down for both loops weighs no more than any other."""
+    return statistics.median(r[numerator] / r[denominator] for r in rounds)
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("block", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "block", "rounds", "threads")
     if args.processes:
         return run_launched(args)
     from segdist.distributed import make_accelerator
@@ -209,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision("auto")
     accelerator = make_accelerator(precision, 1)
     torch.set_num_threads(args.threads)
-    timing = time_steps(args, accelerator, precision)
+    timing = time_steps(args, accelerator, precision, aa=args.aa)
     if accelerator.is_main_process:
         if args.result:
             Path(args.result).write_text(json.dumps(timing.__dict__))
@@ -238,7 +248,7 @@ def run_launched(args: argparse.Namespace) -> int:
 def header(args, timings: list[StepTiming], machine: str) -> str:
     t = timings[0]
     worlds = ", ".join(str(x.world) for x in timings)
-    what = "train step A/A (a second bare loop in segdist's column)" if args.aa else "train step"
+    what = "train step A/A (a second bare loop in segdist's column)" if t.aa else "train step"
     return (f"{what}: {t.model}, batch {t.batch} per process at {t.size}x{t.size}, {t.precision}, "
             f"{worlds} process(es), {args.threads} thread(s) each, {args.rounds} interleaved rounds of blocks of "
             f"{args.block} steps; {machine}")

@@ -31,7 +31,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from segdist.bench import require_positive
+from segdist.bench.options import require_positive
 from segdist.data.augment import PRESETS, build_augment, seed_pipeline
 from segdist.data.convert import parallel_map
 from segdist.data.shapes import PALETTE, class_names, make_scene

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.bench import require_positive
+from segdist.bench.options import require_positive
 
 
 def add_parser(sub) -> None:

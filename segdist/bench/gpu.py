@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from segdist.bench import require_positive
 from segdist.bench.launched import child_failure
+from segdist.bench.options import require_positive
 from segdist.bench.step import add_model_options, time_steps
 from segdist.errors import UserError
 

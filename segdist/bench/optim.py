@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from segdist.bench import require_positive
+from segdist.bench.options import require_positive
 
 
 def add_parser(sub) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.bench import require_positive
+from segdist.bench.options import require_positive
 
 MODELS = {
     # name: (arch, encoder, arch_args, size, batch); 5 classes as the shapes demo

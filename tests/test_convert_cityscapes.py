@@ -134,3 +134,54 @@ def test_missing_split_folder_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "leftImg8bit/val" in lines[0] and "expected layout" in lines[0], proc.stderr
+
+
+def test_max_size_stores_the_presets_frames_and_records_both_sizes(tmp_path):
+    """--max-size: images INTER_AREA, masks nearest, to the size (and pixels) albumentations'
+    LongestMaxSize makes of the full frame; class totals are the stored masks'; sizes recorded."""
+    import albumentations as A
+    import cv2
+
+    make_cityscapes(tmp_path / "cs")
+    assert shard("cityscapes", "--root", tmp_path / "cs", "--split", "train", "--out", tmp_path / "out",
+                 "--max-size", "24") == 0
+    manifest, samples = read_split(tmp_path / "out", "train")
+    preset = A.LongestMaxSize(max_size=24, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST_EXACT)
+    counts = np.zeros(19, dtype=np.int64)
+    for key, files in samples.items():
+        city = key.split("_")[0]
+        full = np.asarray(Image.open(tmp_path / "cs" / "leftImg8bit" / "train" / city / f"{key}_leftImg8bit.png"))
+        ids = np.asarray(Image.open(tmp_path / "cs" / "gtFine" / "train" / city / f"{key}_gtFine_labelIds.png"))
+        want = preset(image=full, mask=expected_train_ids(ids))
+        assert decode(files["image.png"]).shape == (16, 24, 3)
+        assert np.array_equal(decode(files["image.png"]), want["image"])
+        assert np.array_equal(decode(files["mask.png"]), want["mask"])
+        assert json.loads(files["meta.json"])["height"] == H  # the source's size stays in the meta
+        counts += np.bincount(want["mask"].ravel(), minlength=256)[:19]
+    assert manifest["class_pixels"] == counts.tolist()
+    assert manifest["frame_sizes"] == {"stored": {"min": [16, 24], "max": [16, 24]},
+                                       "source": {"min": [H, W], "max": [H, W]}}
+    assert manifest["options"]["max_size"] == 24
+
+
+def test_raw_stores_the_pixels_uncompressed_and_reads_back_exactly(tmp_path):
+    from segdist.data.sample import decode_sample
+
+    make_cityscapes(tmp_path / "cs")
+    assert shard("cityscapes", "--root", tmp_path / "cs", "--split", "train", "--out", tmp_path / "out",
+                 "--image-format", "raw") == 0
+    _, samples = read_split(tmp_path / "out", "train")
+    for key, files in samples.items():
+        assert set(files) == {"image.npy", "mask.png", "meta.json"} and len(files["image.npy"]) == 128 + H * W * 3
+        city = key.split("_")[0]
+        full = np.asarray(Image.open(tmp_path / "cs" / "leftImg8bit" / "train" / city / f"{key}_leftImg8bit.png"))
+        _, image, mask = decode_sample({"__key__": key, **files}, 19, 255)
+        assert np.array_equal(image, full) and image.flags.writeable and mask.shape == (H, W)
+    assert shard("verify", tmp_path / "out", "--deep") == 0
+
+
+def test_max_size_below_8_is_refused(tmp_path):
+    make_cityscapes(tmp_path / "cs")
+    with pytest.raises(UserError, match="--max-size must be >= 8"):
+        shard("cityscapes", "--root", tmp_path / "cs", "--split", "train", "--out", tmp_path / "out", "--max-size", "4")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -64,3 +64,17 @@ def test_read_shard_groups_members_and_catches_a_cut_between_members(tmp_path):
 def test_make_sample_is_what_read_shard_yields(tmp_path):
     sample = make_sample("k", "/data/k.png", b"img", "image.png", b"mask")
     assert sample == {"__key__": "k", "__url__": "/data/k.png", "image.png": b"img", "mask.png": b"mask"}
+
+
+def test_raw_images_decode_only_when_their_bytes_match_the_recorded_shape():
+    from segdist.data.sample import CorruptSample, decode_image, decode_sample
+    from segdist.data.shards import encode_png, encode_raw
+
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    data = encode_raw(image)
+    assert np.array_equal(decode_image(data), image)
+    assert decode_image(data[:-1]) is None and decode_image(data + b"\0") is None  # cut or padded
+    assert decode_image(encode_raw(image[:, :, :1].repeat(4, axis=2))) is None  # not 3 channels
+    sample = {"__key__": "k", "__url__": "s.tar", "image.npy": data[:-3], "mask.png": encode_png(np.zeros((5, 7), np.uint8))}
+    with pytest.raises(CorruptSample, match="sample k in s.tar has an image that does not decode"):
+        decode_sample(sample, 2, 255)

@@ -124,7 +124,7 @@ def test_deep_finds_a_label_out_of_range(out):
 
 def test_deep_finds_a_missing_mask(out):
     rewrite(out / "photos-000000.tar", lambda members: [(n, d) for n, d in members if n != "b.mask.png"])
-    with pytest.raises(UserError, match=r"shard .*photos-000000.tar sample b: needs one image.png or image.jpg and a mask.png"):
+    with pytest.raises(UserError, match=r"shard .*photos-000000.tar sample b: needs one image.png, image.jpg or image.npy and a mask.png"):
         verify(out, "--deep")
 
 
@@ -165,3 +165,14 @@ def test_damage_exits_2_with_one_line(out):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "val-000000.tar" in lines[0], proc.stderr
+
+
+def test_deep_finds_a_raw_image_whose_bytes_do_not_match_its_shape(out):
+    root = out.parent
+    shard("folder", "--images", root / "img/*.png", "--masks", root / "lbl/*.png", "--classes", "x,y",
+          "--image-format", "raw", "--split", "raw", "--out", out)
+    verify(out, "--deep")
+    rewrite(out / "raw-000000.tar", lambda members: [(n, d[:-3] if n == "b.image.npy" else d) for n, d in members])
+    with pytest.raises(UserError, match=r"raw-000000.tar sample b: image.npy is not an HxWx3 uint8 array whose bytes "
+                                        r"match its recorded shape"):
+        verify(out, "--deep")

@@ -36,6 +36,10 @@ class Manifest:
     """Valid (non-ignored) mask pixels of each class over the whole split."""
     source: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    frame_sizes: dict | None = None
+    """{"stored": {"min": [h, w], "max": [h, w]}, "source": {...}}: the frames' heights and widths as
+    the shards store them and as the source had them (they differ under `--max-size`); None in
+    manifests converted before segdist recorded them."""
     root: Path | str = Path(".")
     """The folder it was read from, or the remote data.root as given (segdist.data.location)."""
     cache_dir: str | None = None
@@ -78,7 +82,15 @@ class Manifest:
             "valid_pixels": self.valid_pixels,
             "source": self.source,
             "options": self.options,
+            "frame_sizes": self.frame_sizes,
         }
+
+    def stored_max(self) -> tuple[int, int] | None:
+        """The largest stored (height, width) of the split's frames, None where not recorded."""
+        if not self.frame_sizes or "stored" not in self.frame_sizes:
+            return None
+        h, w = self.frame_sizes["stored"]["max"]
+        return int(h), int(w)
 
 
 def manifest_name(split: str) -> str:
@@ -126,6 +138,7 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             class_pixels=[int(v) for v in raw["class_pixels"]],
             source=dict(raw.get("source", {})),
             options=dict(raw.get("options", {})),
+            frame_sizes=_frame_sizes(raw.get("frame_sizes")),
             root=root,
             cache_dir=None if cache_dir is None else str(cache_dir),
             fetch_retries=retries,
@@ -141,6 +154,12 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             if not shard.is_file():
                 raise UserError(f"shard {shard} listed in {path} is missing: re-run the conversion")
     return manifest
+
+
+def _frame_sizes(raw) -> dict | None:
+    if raw is None:
+        return None
+    return {which: {end: [int(v) for v in raw[which][end]] for end in ("min", "max")} for which in raw}
 
 
 def _sample_classes(shard: dict) -> list[list[list[int]]] | None:

@@ -1,7 +1,8 @@
 """One shard sample, in one place: the names of its members, reading them from a shard's tar,
 decoding the image and the mask, the label check, padding, and 8/16-bit handling.
 
-A sample `<key>` of a shard is the tar members `<key>.image.png` or `<key>.image.jpg` (RGB),
+A sample `<key>` of a shard is the tar members `<key>.image.png`, `<key>.image.jpg` (RGB) or
+`<key>.image.npy` (uncompressed HxWx3 uint8 pixels, `--image-format raw`),
 `<key>.mask.png` (8-bit, or 16-bit beyond 255 classes) and optionally `<key>.meta.json`; a key
 ends at the first dot of the file name (WebDataset's rule), and a sample's members are adjacent.
 The writer (segdist.data.shards), the training and eval streams (segdist.data.stream), `verify`,
@@ -22,8 +23,9 @@ from PIL import Image
 from segdist.data.location import Fetch, ShardSource
 from segdist.errors import UserError
 
-IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG"}
-"""Image members by kind, with the format PIL must find in them."""
+IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG", "image.npy": "NPY"}
+"""Image members by kind, with the format they must hold (NPY: numpy's array file, not PIL's)."""
+_NPY_MAGIC = b"\x93NUMPY"
 MASK_KIND = "mask.png"
 META_KIND = "meta.json"
 PAD_MULTIPLE = 32
@@ -157,8 +159,27 @@ def make_sample(key: str, url: str, image: bytes, image_kind: str, mask: bytes) 
 
 
 # -- decoding and the label check ---------------------------------------------------------------
+def decode_raw(data: bytes) -> np.ndarray | None:
+    """HxWx3 uint8 pixels of `.npy` bytes; None unless the header says a C-order HxWx3 uint8 array
+    and the bytes after it are exactly that many (a cut or padded member is corrupt, not reshaped)."""
+    buf = io.BytesIO(data)
+    try:
+        if np.lib.format.read_magic(buf) != (1, 0):
+            return None
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    except ValueError:
+        return None
+    if fortran or dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+        return None
+    if len(data) - buf.tell() != shape[0] * shape[1] * 3:
+        return None
+    return np.frombuffer(data, np.uint8, offset=buf.tell()).reshape(shape).copy()  # writable, for torch
+
+
 def decode_image(data: bytes) -> np.ndarray | None:
-    """HxWx3 uint8 RGB pixels of encoded image bytes (PNG or JPEG), or None if they do not decode."""
+    """HxWx3 uint8 RGB pixels of stored image bytes (PNG, JPEG or raw `.npy`), or None if they do not decode."""
+    if data[:6] == _NPY_MAGIC:
+        return decode_raw(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
     if image is not None and _CV2_RGB is None:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -183,7 +204,7 @@ def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[st
     key, url = sample["__key__"], sample.get("__url__")
     image_bytes = next((sample[kind] for kind in IMAGE_KINDS if kind in sample), None)
     if image_bytes is None or MASK_KIND not in sample:
-        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg) or a mask (mask.png)")
+        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png)")
     image = decode_image(image_bytes)
     if image is None:
         raise CorruptSample(key, url, "has an image that does not decode")

@@ -41,6 +41,14 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def encode_raw(array: np.ndarray) -> bytes:
+    """Uncompressed HxWx3 uint8 pixels as `.npy` bytes: numpy's header records the shape and dtype,
+    so reading costs a header parse and one copy, no decode (`segdist.data.sample.decode_raw`)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.uint8), allow_pickle=False)
+    return buf.getvalue()
+
+
 def encode_mask(mask: np.ndarray, num_classes: int) -> bytes:
     """8-bit PNG, or 16-bit when there are more than 255 classes (ignore stays in range)."""
     dtype = np.uint8 if num_classes <= 255 else np.uint16
@@ -93,18 +101,23 @@ class ShardWriter:
         self._done: list[Path] = []  # finished shards of this run, still under temporary names
         self._count = 0
         self._sample_classes: list[list[list[int]]] = []  # of the shard in progress
+        self._sizes: dict[str, list[list[int]]] = {}  # "stored"/"source" -> [[min h, min w], [max h, max w]]
         self._own = re.compile(re.escape(split) + r"-\d{6}\.tar")  # train-000000.tar, not train-aug-000000.tar
         self._own_tmp = re.compile(r"\." + re.escape(split) + r"-\d{6}\.tar\.tmp")
         self.out.mkdir(parents=True, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------------------
-    def write(self, key: str, image: bytes, image_ext: str, mask: np.ndarray, meta: dict | None = None) -> None:
-        """Add one sample: encoded image bytes (`png`/`jpg`), a train-id mask array, optional meta."""
+    def write(self, key: str, image: bytes, image_ext: str, mask: np.ndarray, meta: dict | None = None,
+              source_size: tuple[int, int] | None = None) -> None:
+        """Add one sample: encoded image bytes (`png`/`jpg`/`npy`), a train-id mask array, optional
+        meta, and the (height, width) of the source frame when the stored one was resized."""
         if key in self._keys:
             raise UserError(f"sample key {key!r} occurs twice in split {self.split!r}: source file names must be unique")
         if "." in key:
             raise ValueError(f"sample key {key!r} must not contain '.'")
         self._keys.add(key)
+        self._note_size("stored", mask.shape[:2])
+        self._note_size("source", source_size or mask.shape[:2])
         counts = count_class_pixels(mask, len(self.classes), self.ignore_index, key)
         self.class_pixels += counts
         self._sample_classes.append([[int(c), int(counts[c])] for c in np.flatnonzero(counts)])
@@ -127,6 +140,12 @@ class ShardWriter:
             full = self._tar.fileobj.tell() >= self.shard_bytes
         if full:
             self._finish_shard()
+
+    def _note_size(self, which: str, size) -> None:
+        h, w = int(size[0]), int(size[1])
+        low_high = self._sizes.setdefault(which, [[h, w], [h, w]])
+        low_high[0] = [min(low_high[0][0], h), min(low_high[0][1], w)]
+        low_high[1] = [max(low_high[1][0], h), max(low_high[1][1], w)]
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
@@ -178,6 +197,7 @@ class ShardWriter:
             class_pixels=[int(v) for v in self.class_pixels],
             source=self.source,
             options=self.options,
+            frame_sizes={k: {"min": v[0], "max": v[1]} for k, v in self._sizes.items()},
             root=self.out,
         )
         atomic_write_json(manifest_path(self.out, self.split), manifest.to_json())

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segdist.data.convert import add_common_output, parallel_map
-from segdist.data.convert.imageio import IMAGE_FORMATS, encode_image, load_image, load_mask
+from segdist.data.convert.imageio import IMAGE_FORMATS, encode_image, fit_longest, load_image, load_mask
 from segdist.data.shards import ShardWriter
 from segdist.errors import UserError
 
@@ -40,7 +40,13 @@ def add_converter_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-format", choices=IMAGE_FORMATS, default="keep",
         help="keep = store the source bytes when they are an 8-bit RGB PNG or RGB JPEG, else convert "
-        "to RGB and store PNG; jpeg/png = always re-encode (default keep)",
+        "to RGB and store PNG; jpeg/png = always re-encode; raw = uncompressed pixels (.npy): no decode "
+        "when training reads them, for small frames where disk is cheaper than CPU (default keep)",
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=None, metavar="N",
+        help="store frames with their longest side at most N pixels (images INTER_AREA, masks nearest): a "
+        "tier at a recipe's training size; the manifest records stored and source sizes (default: as the source)",
     )
     parser.add_argument("--jpeg-quality", type=int, default=95, help="quality for --image-format jpeg (default 95)")
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N samples (in key order), for quick trials")
@@ -51,6 +57,8 @@ def check_converter_options(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_size is not None and args.max_size < 8:
+        raise UserError(f"--max-size must be >= 8 pixels, got {args.max_size}")
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if args.shard_size_mb is not None and args.shard_size_mb <= 0:
@@ -63,7 +71,8 @@ def output_options(args: argparse.Namespace, **extra) -> dict:
     """Conversion options for the manifest. `--workers` is left out: it does not change the output."""
     return {
         "image_format": args.image_format,
-        "jpeg_quality": args.jpeg_quality if args.image_format == "jpeg" else None,
+        "jpeg_quality": args.jpeg_quality if args.image_format == "jpeg" or args.max_size else None,
+        "max_size": args.max_size,
         "limit": args.limit,
         "samples_per_shard": None if args.shard_size_mb else args.samples_per_shard,
         "shard_size_mb": args.shard_size_mb,
@@ -156,8 +165,10 @@ def identity_mask(mask: np.ndarray, key: str, path: Path) -> np.ndarray:
     return mask
 
 
-def encode_pair(pair: Pair, base: Path, image_format: str, jpeg_quality: int, mask_fn: Callable):
-    """Read, check and encode one pair; runs in a worker process, so everything is picklable."""
+def encode_pair(pair: Pair, base: Path, image_format: str, jpeg_quality: int, mask_fn: Callable,
+                max_size: int | None = None):
+    """Read, check, shrink (`--max-size`) and encode one pair; runs in a worker process, so
+    everything is picklable."""
     src = load_image(pair.image)
     raw = load_mask(pair.mask)
     h, w = src.rgb.shape[:2]
@@ -167,7 +178,8 @@ def encode_pair(pair: Pair, base: Path, image_format: str, jpeg_quality: int, ma
             f"is {w}x{h} (width x height): fix or remove this pair"
         )
     mask = mask_fn(raw, pair.key, pair.mask)
-    data, ext = encode_image(src, image_format, jpeg_quality)
+    rgb, mask = fit_longest(src.rgb, mask, max_size)
+    data, ext = encode_image(src, image_format, jpeg_quality, None if rgb is src.rgb else rgb)
     meta = {
         "image": _relative(pair.image, base),
         "mask": _relative(pair.mask, base),
@@ -205,7 +217,8 @@ def write_split(
         pairs = pairs[: args.limit]
     if not pairs:
         raise UserError(f"no samples found for split {args.split!r} in {base}: check the paths and the split name")
-    encode = partial(encode_pair, base=base, image_format=args.image_format, jpeg_quality=args.jpeg_quality, mask_fn=mask_fn)
+    encode = partial(encode_pair, base=base, image_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                     mask_fn=mask_fn, max_size=args.max_size)
     with ShardWriter(
         args.out, args.split, dataset=dataset, classes=classes, palette=palette, ignore_index=ignore_index,
         samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb, source=source, options=options,
@@ -213,7 +226,7 @@ def write_split(
         # disable=None: a bar on a terminal, nothing in a log file or a pipe.
         with tqdm(total=len(pairs), desc=f"{dataset} {args.split}", unit="img", disable=None) as bar:
             for key, data, ext, mask, meta in parallel_map(encode, pairs, args.workers):
-                writer.write(key, data, ext, mask, meta)
+                writer.write(key, data, ext, mask, meta, source_size=(meta["height"], meta["width"]))
                 bar.update()
         manifest = writer.close()
     print(

@@ -11,7 +11,13 @@ Every converter reads through here so one set of rules holds for all datasets:
 `--image-format keep` stores the source file's bytes untouched when they already satisfy the
 contract (an 8-bit RGB PNG, or an RGB JPEG); any other source (BMP, grayscale, RGBA, palette,
 16-bit, CMYK, ...) is converted to RGB and stored as PNG, which is lossless and so adds no second
-generation of JPEG loss.
+generation of JPEG loss. `raw` stores the uncompressed pixels (`.npy`): no decode when training reads
+them, at the cost of disk (what suits small, pre-resized frames).
+
+`--max-size N` (`fit_longest`) stores frames whose longest side is at most N: the image shrunk with
+INTER_AREA, the mask with nearest (the grid INTER_LINEAR uses), to the size albumentations'
+LongestMaxSize gives, so a tier stored at a recipe's training size holds what that preset would
+have made of the full frame.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from segdist.data.sample import to_uint8
-from segdist.data.shards import encode_jpeg, encode_png
+from segdist.data.shards import encode_jpeg, encode_png, encode_raw
 from segdist.errors import UserError
 
-IMAGE_FORMATS = ("keep", "jpeg", "png")
+IMAGE_FORMATS = ("keep", "jpeg", "png", "raw")
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "raw": "npy"}
 
 # PIL modes that PIL itself converts to RGB without losing anything we keep (alpha is dropped).
 _DIRECT_TO_RGB = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -85,16 +93,35 @@ def load_image(path: str | Path) -> SourceImage:
     return SourceImage(to_rgb(img, path), data, img.format, img.mode, keepable)
 
 
-def encode_image(src: SourceImage, image_format: str, jpeg_quality: int) -> tuple[bytes, str]:
-    """The bytes and extension (`png`/`jpg`) stored for an image under `--image-format`."""
+def fit_longest(image: np.ndarray, mask: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask shrunk so the longest side is at most `max_size` (None: as they are)."""
+    h, w = mask.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return image, mask
+    scale = max_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 takes (width, height)
+    # INTER_NEAREST_EXACT samples the pixel centres INTER_AREA / INTER_LINEAR average around.
+    small_mask = cv2.resize(mask if mask.dtype in (np.uint8, np.uint16) else mask.astype(np.uint16), size,
+                            interpolation=cv2.INTER_NEAREST_EXACT)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), small_mask
+
+
+def encode_image(src: SourceImage, image_format: str, jpeg_quality: int,
+                 rgb: np.ndarray | None = None) -> tuple[bytes, str]:
+    """The bytes and extension (`png`/`jpg`/`npy`) stored for an image under `--image-format`.
+    `rgb`: the pixels to store when they are not the source's (a frame shrunk by `--max-size`);
+    `keep` then keeps the source's kind, JPEG at `jpeg_quality` or PNG."""
+    pixels = src.rgb if rgb is None else rgb
     if image_format == "keep":
-        if src.keepable:
+        if src.keepable and rgb is None:
             return src.data, "jpg" if src.format == "JPEG" else "png"
-        return encode_png(src.rgb), "png"
+        image_format = "jpeg" if src.keepable and src.format == "JPEG" else "png"
     if image_format == "jpeg":
-        return encode_jpeg(src.rgb, jpeg_quality), "jpg"
+        return encode_jpeg(pixels, jpeg_quality), "jpg"
     if image_format == "png":
-        return encode_png(src.rgb), "png"
+        return encode_png(pixels), "png"
+    if image_format == "raw":
+        return encode_raw(pixels), "npy"
     raise ValueError(f"unknown image format {image_format!r}")
 
 

@@ -28,7 +28,7 @@ import torch
 
 from segdist.checkpoint import latest_checkpoint, restore
 from segdist.data.augment import build_augment
-from segdist.data.manifest import Manifest, check_reachable, load_split
+from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
                                  setup_logging, unused_devices_warning)
@@ -85,10 +85,10 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     checkpoints), "must" (error without one) or "auto" (resume if there is one, else start)."""
     assert resume in RESUME_MODES, resume
     train_m = load_split(recipe.data, recipe.data.train_split)
-    val_m = load_split(recipe.data, recipe.data.val_split)
+    val_m = load_split(recipe.data, recipe.data.val_split, evaluation=True)
     classes = resolve_classes(recipe.model, train_m)
-    if val_m.classes != train_m.classes:
-        raise UserError(f"splits {train_m.split!r} and {val_m.split!r} in {recipe.data.root} have different class lists")
+    check_same_labels(train_m, val_m)
+    check_crop_fits(train_m, recipe.data.crop)
     precision = resolve_precision(recipe.train.precision)
     InferenceMode.from_recipe(recipe)  # eval.stride against the window, before any process group
     dist = launch_context()

@@ -132,7 +132,7 @@ def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: 
         raise UserError(f"--show must be a number of samples >= 0, got {show}")
     if show and report_dir is None:
         raise UserError("--show N writes its strips into the report folder: give --report DIR too")
-    manifest = load_split(recipe.data, split or recipe.data.val_split)
+    manifest = load_split(recipe.data, split or recipe.data.val_split, evaluation=True)
     # Training chose `best` by the EMA copy's mIoU: load_trained prefers the same weights.
     model, info = load_trained(recipe, checkpoint, manifest)
     path = info.checkpoint

@@ -114,7 +114,7 @@ def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.de
         classes = list(BINARY_CLASSES) if info.outputs == 1 else [f"class_{i}" for i in range(info.outputs)]
         palette, ignore_index = default_palette(len(classes)), 255
         log.info("no manifest of split %r in %s: generic class names and palette", recipe.data.val_split,
-                 recipe.data.root)
+                 recipe.data.eval_root)
     device = torch.device(device) if device is not None else default_device()
     model.to(device).eval()
     return Predictor(model, info.outputs, list(classes), [list(c) for c in palette], ignore_index, info.checkpoint,

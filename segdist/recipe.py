@@ -32,6 +32,9 @@ class DataConfig:
     root: str = "data/shapes"
     """Where the `<split>-NNNNNN.tar` shards and `<split>.json` manifests are: a folder, an http(s):// prefix,
     a "pipe:" command with {name} (e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -") or an fsspec URL (s3://, gs://)."""
+    val_root: Optional[str] = None
+    """Where evaluation reads its splits, when not from `root`: the full-size split while training from a
+    reduced tier (`launch/shard.py ... --max-size N`); "null" = `root`. Same kinds of location as `root`."""
     cache_dir: Optional[str] = None
     """For a remote root: a local folder that keeps each shard once read whole and checked (sha256); "null" = none."""
     fetch_retries: int = 5
@@ -78,6 +81,11 @@ class DataConfig:
         from segdist.data.augment import check_augment  # checks names and values; no albumentations import
 
         check_augment(self.augment, self.augment_args)
+
+    @property
+    def eval_root(self) -> str:
+        """The root evaluation reads every split from: `val_root`, else `root`."""
+        return self.val_root if self.val_root is not None else self.root
 
 
 @dataclass

@@ -347,7 +347,84 @@ def val_split_has_other_classes(c: Ctx) -> Case:
     manifest = json.loads((root / "val7.json").read_text())
     manifest["classes"][1] = "disc"
     (root / "val7.json").write_text(json.dumps(manifest))
-    return Case(train(c.recipe(root=root)), ("'train' and 'val7'", "class lists"), absent=(c.run,))
+    return Case(train(c.recipe(root=root)), ("'classes'", "split 'val7'", "split 'train'", "'disc' against 'circle'"), absent=(c.run,))
+
+
+def val_root_with(c: Ctx, **changes) -> Path:
+    """A data.val_root holding the shapes val split with `changes` made to its manifest."""
+    root = c.tmp / "full"
+    root.mkdir()
+    for f in c.shapes.glob("val7*"):
+        shutil.copy(f, root / f.name)
+    manifest = json.loads((root / "val7.json").read_text())
+    manifest.update(changes)
+    (root / "val7.json").write_text(json.dumps(manifest))
+    return root
+
+
+@case
+def val_root_has_another_palette(c: Ctx) -> Case:
+    palette = json.loads((c.shapes / "val7.json").read_text())["palette"]
+    full = val_root_with(c, palette=[[9, 9, 9]] + palette[1:])
+    return Case(train(c.recipe(), "--set", f"data.val_root={full}"), ("'palette'", "data.val_root", str(full)),
+                absent=(c.run,))
+
+
+@case
+def val_root_has_another_ignore_index(c: Ctx) -> Case:
+    full = val_root_with(c, ignore_index=0)
+    return Case(train(c.recipe(), "--set", f"data.val_root={full}"), ("'ignore_index'", "data.val_root", "0 against 255"),
+                absent=(c.run,))
+
+
+def tier(c: Ctx, max_size: int, image_format: str = "png") -> Path:
+    """A train split converted by launch/shard.py folder from 32x32 shapes frames, stored with
+    --max-size and --image-format, beside the shapes val split."""
+    from PIL import Image
+
+    from segdist.data.shapes import make_scene
+
+    (c.tmp / "img").mkdir()
+    (c.tmp / "lbl").mkdir()
+    for i in range(8):
+        image, mask = make_scene(5, i, 32, 32, 4)
+        Image.fromarray(image).save(c.tmp / "img" / f"f{i}.png")
+        Image.fromarray(mask).save(c.tmp / "lbl" / f"f{i}.png")
+    root = c.tmp / "data"
+    names = ",".join(json.loads((c.shapes / "val7.json").read_text())["classes"])
+    subprocess.run([sys.executable, *shard("folder", "--images", c.tmp / "img" / "*.png", "--masks", c.tmp / "lbl" / "*.png",
+                                          "--classes", names, "--split", "train", "--out", root, "--max-size", max_size,
+                                          "--image-format", image_format)], check=True, capture_output=True)
+    palette = json.loads((c.shapes / "val7.json").read_text())["palette"]
+    manifest = json.loads((root / "train.json").read_text())
+    manifest["palette"] = palette  # the folder converter's own palette; the shapes val split has its own
+    (root / "train.json").write_text(json.dumps(manifest))
+    for f in c.shapes.glob("val7*"):
+        shutil.copy(f, root / f.name)
+    return root
+
+
+@case
+def crop_larger_than_the_tier(c: Ctx) -> Case:
+    root = tier(c, 16)
+    return Case(train(c.recipe(root=root)), ("data.crop [32, 32]", "at most 16x16", "--max-size 16"), absent=(c.run,))
+
+
+@case
+def raw_image_bytes_do_not_match_the_shape(c: Ctx) -> Case:
+    # A raw (.npy) member cut short inside a valid tar fails as any corrupt sample does.
+    root = tier(c, 32, "raw")
+    tar_path = root / "train-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            data = data[:-7] if name.endswith(".image.npy") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return Case(train(c.recipe(root=root)), ("sample f", "train-000000.tar", "does not decode"), absent=(c.run,),
+                mid_run=True)
 
 
 # -- runs and checkpoints ----------------------------------------------------------------------------

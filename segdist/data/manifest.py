@@ -101,9 +101,46 @@ def manifest_path(root: str | Path, split: str) -> Path:
     return local_root(root) / manifest_name(split)
 
 
-def load_split(data, split: str, check_files: bool = True) -> Manifest:
-    """The manifest of a split of a recipe's `[data]`: its root, cache and retries."""
-    return load_manifest(data.root, split, check_files, cache_dir=data.cache_dir, retries=data.fetch_retries)
+def load_split(data, split: str, check_files: bool = True, *, evaluation: bool = False) -> Manifest:
+    """The manifest of a split of a recipe's `[data]`, with its cache and retries: from `data.root`
+    for training, from `data.eval_root` (`data.val_root`, else `data.root`) for `evaluation`."""
+    root = data.eval_root if evaluation else data.root
+    return load_manifest(root, split, check_files, cache_dir=data.cache_dir, retries=data.fetch_retries)
+
+
+def check_same_labels(train: Manifest, val: Manifest) -> None:
+    """The evaluated split labels pixels as the trained one does: the same classes, palette and
+    ignore index; the first key that differs is a `UserError` naming it and both splits."""
+    for key in ("classes", "palette", "ignore_index"):
+        a, b = getattr(train, key), getattr(val, key)
+        if a == b:
+            continue
+        if isinstance(a, list):
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            detail = (f"{len(b)} entries against {len(a)}" if i == min(len(a), len(b))
+                      else f"entry {i} is {b[i]!r} against {a[i]!r}")
+        else:
+            detail = f"it has {b!r} against {a!r}"
+        where = " (data.val_root)" if str(val.root) != str(train.root) else ""
+        raise UserError(
+            f"manifest key {key!r} differs: in split {val.split!r} of {val.root}{where} {detail} in split "
+            f"{train.split!r} of {train.root} (data.root); convert both from the same dataset"
+        )
+
+
+def check_crop_fits(manifest: Manifest, crop) -> None:
+    """A training crop larger than every frame of a reduced tier (`--max-size`) means the recipe reads
+    the wrong tier: a `UserError` naming both sizes. Full-size splits may be smaller than the crop
+    (presets zoom and pad them)."""
+    stored, max_size = manifest.stored_max(), manifest.options.get("max_size")
+    if stored is None or max_size is None:
+        return
+    if crop[0] > stored[0] or crop[1] > stored[1]:
+        raise UserError(
+            f"data.crop {list(crop)} is larger than the frames split {manifest.split!r} in {manifest.root} stores "
+            f"(at most {stored[0]}x{stored[1]}, converted with --max-size {max_size}): train from a tier converted "
+            "with a larger --max-size, or lower data.crop"
+        )
 
 
 def load_manifest(root: str | Path, split: str, check_files: bool = True, *,

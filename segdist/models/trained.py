@@ -60,14 +60,15 @@ def load_trained(recipe, checkpoint, manifest=None) -> tuple[nn.Module, TrainedI
     from segdist.data.manifest import load_split, manifest_path
     from segdist.models.build import build_model
 
-    if manifest is None and (is_remote(recipe.data.root) or manifest_path(recipe.data.root, recipe.data.val_split).is_file()):
-        manifest = load_split(recipe.data, recipe.data.val_split, check_files=False)
+    root = recipe.data.eval_root
+    if manifest is None and (is_remote(root) or manifest_path(root, recipe.data.val_split).is_file()):
+        manifest = load_split(recipe.data, recipe.data.val_split, check_files=False, evaluation=True)
     if manifest is not None:
         outputs = resolve_classes(recipe.model, manifest)
     elif recipe.model.classes is not None:
         outputs = recipe.model.classes
     else:
-        where = manifest_path(recipe.data.root, recipe.data.val_split)
+        where = manifest_path(root, recipe.data.val_split)
         raise UserError(
             f"model.classes is \"null\" and manifest {where} (which would give the class count) is not there: "
             "set the class count the checkpoint was trained with, e.g. --set model.classes=5 (1 for one binary "

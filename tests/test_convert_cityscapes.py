@@ -19,8 +19,9 @@ H, W = 32, 48
 FRAMES = {"aachen": ["aachen_000000_000019", "aachen_000001_000019"], "bochum": ["bochum_000000_000313"]}
 
 
-def make_cityscapes(root: Path, split="train", seed=0) -> dict:
-    """leftImg8bit + gtFine (labelIds plus the color/instance/polygon files that must be ignored)."""
+def make_cityscapes(root: Path, split="train", seed=0, size=(H, W)) -> dict:
+    """leftImg8bit + gtFine (labelIds plus the color/instance/polygon files that must be ignored),
+    frames of `size` (height, width)."""
     rng = np.random.default_rng(seed)
     raw = {}
     valid_ids = np.array(sorted(id2label))  # includes -1 (license plate), which never appears in a file
@@ -29,8 +30,8 @@ def make_cityscapes(root: Path, split="train", seed=0) -> dict:
         (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
         (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
         for name in names:
-            image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-            ids = rng.choice(valid_ids, size=(H, W)).astype(np.uint8)
+            image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            ids = rng.choice(valid_ids, size=size).astype(np.uint8)
             Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
             gt = root / "gtFine" / split / city
             Image.fromarray(ids).save(gt / f"{name}_gtFine_labelIds.png")

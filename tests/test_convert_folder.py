@@ -18,17 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 
 
-def blob(rng, soft=True) -> np.ndarray:
+def blob(rng, soft=True, size=(H, W)) -> np.ndarray:
     """A 0/255-style mask, with soft edges (values between) that thresholding must handle."""
-    mask = np.zeros((H, W), np.uint8)
-    y, x = rng.integers(4, H - 12), rng.integers(4, W - 12)
+    mask = np.zeros(size, np.uint8)
+    y, x = rng.integers(4, size[0] - 12), rng.integers(4, size[1] - 12)
     mask[y : y + 10, x : x + 10] = 255
     if soft:
         mask[y - 1, x : x + 10] = rng.integers(0, 256)
     return mask
 
 
-def make_ph2(root: Path, seed=0) -> tuple[dict, dict]:
+def make_ph2(root: Path, seed=0, size=(H, W)) -> tuple[dict, dict]:
     """`PH2 Dataset images/IMD*/IMD*_Dermoscopic_Image/IMD*.bmp` + `IMD*_lesion/IMD*_lesion.bmp` (+ roi)."""
     rng = np.random.default_rng(seed)
     images, masks = {}, {}
@@ -36,9 +36,9 @@ def make_ph2(root: Path, seed=0) -> tuple[dict, dict]:
         case = root / "PH2 Dataset images" / name
         for sub in ("_Dermoscopic_Image", "_lesion", "_roi"):
             (case / f"{name}{sub}").mkdir(parents=True)
-        images[name] = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        images[name] = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
         Image.fromarray(images[name]).save(case / f"{name}_Dermoscopic_Image" / f"{name}.bmp")
-        masks[name] = blob(rng)
+        masks[name] = blob(rng, size=size)
         lesion = Image.fromarray(masks[name])
         if i == 0:
             masks[name] = np.where(masks[name] > 127, 255, 0).astype(np.uint8)
@@ -111,7 +111,7 @@ def test_ph2_without_pair_regex_lists_unpaired_files(tmp_path):
         shard("folder", *args, "--split", "train", "--out", tmp_path / "out")
 
 
-def make_birds(root: Path, seed=0, soft=True) -> tuple[dict, dict]:
+def make_birds(root: Path, seed=0, soft=True, size=(H, W)) -> tuple[dict, dict]:
     """`images/<species>/<name>.jpg` (grayscale and RGB) + `masks/<species>/<name>.png` (0/255)."""
     rng = np.random.default_rng(seed)
     images, masks = {}, {}
@@ -120,12 +120,12 @@ def make_birds(root: Path, seed=0, soft=True) -> tuple[dict, dict]:
         (root / "images" / species).mkdir(parents=True)
         (root / "masks" / species).mkdir(parents=True)
         for i, name in enumerate(names):
-            image = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+            image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
             if i == 0:
                 image = image.convert("L")
             image.save(root / "images" / species / f"{name}.jpg", quality=92)
             images[name] = np.asarray(Image.open(root / "images" / species / f"{name}.jpg"))
-            masks[name] = blob(rng, soft)
+            masks[name] = blob(rng, soft, size)
             mask = Image.fromarray(masks[name])
             (mask.convert("RGB") if i else mask).save(root / "masks" / species / f"{name}.png")
     return images, masks

@@ -26,13 +26,13 @@ def save_palette_png(indices: np.ndarray, path: Path) -> None:
     img.save(path)
 
 
-def random_indices(rng) -> np.ndarray:
-    mask = rng.integers(0, 21, (H, W)).astype(np.uint8)
+def random_indices(rng, size=(H, W)) -> np.ndarray:
+    mask = rng.integers(0, 21, size).astype(np.uint8)
     mask[::7, :] = 255  # object borders
     return mask
 
 
-def make_voc(root: Path, seed=0) -> dict:
+def make_voc(root: Path, seed=0, size=(H, W)) -> dict:
     rng = np.random.default_rng(seed)
     for sub in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -40,12 +40,12 @@ def make_voc(root: Path, seed=0) -> dict:
     (root / "ImageSets/Segmentation/val.txt").write_text("2007_000033\n")
     masks = {}
     for i, image_id in enumerate(TRAIN + ["2007_000033"]):
-        pixels = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
         image = Image.fromarray(pixels)
         if i == 1:
             image = image.convert("L")  # VOC has a few grayscale JPEGs
         image.save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
-        masks[image_id] = random_indices(rng)
+        masks[image_id] = random_indices(rng, size)
         save_palette_png(masks[image_id], root / "SegmentationClass" / f"{image_id}.png")
     return masks
 

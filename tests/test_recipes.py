@@ -1,12 +1,18 @@
 """Every shipped recipe: loads, is complete (every key of every section written out), is described
-(header comment, recipes/README.md row), and builds a model (weights null), loss, optimizer and
-schedule that take two optimizer steps on generated data of its class count. Plus a real binary
-run of a shipped PH2 recipe whose 2x2 confusion matrix is checked against a numpy count."""
+(header comment, recipes/README.md row), says how its splits are stored (`# convert:` lines that
+write its data.root and data.val_root), and builds a model (weights null), loss, optimizer and
+schedule that take two optimizer steps on generated data of its class count. Its `# convert:` lines,
+run on generated datasets in the official on-disk layouts, write splits it trains a step from and
+evaluates. Plus a real binary run of a shipped PH2 recipe whose 2x2 confusion matrix is checked
+against a numpy count."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +35,31 @@ else:  # pragma: no cover
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 IGNORE = 255
+CONVERT = re.compile(r"^# convert: (.*)$", re.M)
+
+
+def convert_lines(path: Path) -> list[list[str]]:
+    """The argv of each `# convert:` line of a recipe's header, as a shell would split it."""
+    return [shlex.split(line) for line in CONVERT.findall(path.read_text(encoding="utf-8"))]
+
+
+def option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_says_how_its_splits_are_stored(path):
+    """A `# convert:` line per split: the exact launch/shard.py command, the dataset's root as $ROOT,
+    the output under data/, writing the folders data.root and data.val_root name."""
+    r = load_recipe(path)
+    lines = convert_lines(path)
+    assert lines, "the header has # convert: lines"
+    for argv in lines:
+        assert argv[:2] == ["python", "launch/shard.py"] and option(argv, "--out").startswith("data/"), argv
+        assert (argv[2] == "shapes") != any("$ROOT" in a for a in argv), "every dataset but the synthetic one reads $ROOT"
+    by_split = {option(argv, "--split"): option(argv, "--out") for argv in lines}
+    assert by_split.get(r.data.train_split) == r.data.root
+    assert by_split.get(r.data.val_split) == r.data.eval_root
 
 
 def test_the_seed_experiments_all_have_recipes():
@@ -148,3 +179,84 @@ def test_binary_recipe_trains_with_ema_and_counts_exactly(binary_root, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(ckpt / "ema.pt", weights_only=True)["updates"] == 12
     assert torch.load(run / "checkpoints" / "step-14" / "ema.pt", weights_only=True)["updates"] == 14
+
+
+# -- the # convert: lines, run on generated datasets in the official layouts ----------------------
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """$ROOT of each dataset the recipes name, in its real layout, frames at realistic sizes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_convert_cityscapes import make_cityscapes
+    from test_convert_folder import make_birds, make_ph2
+    from test_convert_voc import make_voc
+
+    base = tmp_path_factory.mktemp("sources")
+    make_cityscapes(base / "cityscapes", "train", 0, size=(256, 512))
+    make_cityscapes(base / "cityscapes", "val", 1, size=(256, 512))
+    make_voc(base / "VOC2012", size=(375, 500))
+    for split, seed in (("train", 0), ("val", 1)):
+        make_ph2(base / f"ph2-{split}", seed, size=(280, 384))
+        (base / "PH2").mkdir(exist_ok=True)
+        shutil.move(base / f"ph2-{split}" / "PH2 Dataset images", base / "PH2" / split)
+    for split, seed in (("train", 0), ("test", 1)):
+        make_birds(base / f"birds-{split}", seed, size=(120, 160))
+        (base / "birds" / split).mkdir(parents=True)
+        shutil.move(base / f"birds-{split}" / "images", base / "birds" / split / "images")
+        shutil.move(base / f"birds-{split}" / "masks", base / "birds" / split / "gt")
+    return {"cityscapes": base / "cityscapes", "voc": base / "VOC2012", "ph2": base / "PH2", "birds": base / "birds"}
+
+
+class Converted:
+    """Where the # convert: lines run (their data/ folders land there), shared by the recipes so a
+    command that several of them name runs once."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.done = workdir, set()
+
+    def run(self, argv: list[str], root: Path | None, monkeypatch) -> None:
+        from shardtools import shard as shard_in_process
+
+        line = [a.replace("$ROOT", str(root)) for a in argv]
+        if " ".join(line) in self.done:
+            return
+        with monkeypatch.context() as m:
+            m.chdir(self.workdir)
+            assert shard_in_process(*line[2:]) == 0
+        self.done.add(" ".join(line))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Converted:
+    return Converted(tmp_path_factory.mktemp("converted"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_convert_lines_write_what_the_recipe_trains_and_evaluates(path, sources, converted, tmp_path, monkeypatch):
+    """Run the recipe's `# convert:` lines as written ($ROOT = a generated dataset), then train one
+    step of the recipe from what they wrote (small crop and batch for the big models) and evaluate
+    its val split, read from data.val_root, at the frames' native size."""
+    from segdist.data.manifest import load_manifest
+
+    r = load_recipe(path)
+    dataset = path.stem.split("_")[0]
+    for argv in convert_lines(path):
+        converted.run(argv, sources.get(dataset), monkeypatch)
+    workdir = converted.workdir
+    train_m = load_manifest(workdir / r.data.root, r.data.train_split)
+    val_m = load_manifest(workdir / r.data.eval_root, r.data.val_split)
+    crop = r.data.crop if r.data.crop[0] * r.data.crop[1] <= 128 * 256 else [64, 64]
+    run = tmp_path / "run"
+    overrides = [
+        f"data.root={workdir / r.data.root}", f"data.val_root={workdir / r.data.eval_root}", f"data.crop={crop}",
+        "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "model.encoder_weights=null",
+        "train.steps=1", "train.grad_accum=1", "train.eval_every=0", "train.ckpt_every=1", f"train.run_dir={run}",
+        "eval.batch_size=1", "eval.num_workers=0", "log.images=0",
+    ]
+    result = launch("train.py", [str(path)] + [a for o in overrides for a in ("--set", o)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics" / "step-1" / "metrics.json").read_text())
+    assert metrics["num_samples"] == val_m.num_samples and metrics["valid_pixels"] == val_m.valid_pixels
+    if path.stem == "cityscapes_unet":  # a tier at the training size, evaluated on the full frames
+        assert train_m.frame_sizes["stored"]["max"] == [128, 256] and train_m.frame_sizes["source"]["max"] == [256, 512]
+        assert val_m.frame_sizes["stored"]["max"] == [256, 512]

@@ -1,4 +1,4 @@
-"""Benchmarks:  python launch/bench.py {data,metric,step,optim,scale,eval,gpu} [...]   (--help on each)
+"""Benchmarks:  python launch/bench.py {data,feed,metric,step,optim,scale,eval,gpu} [...]   (--help on each)
 
 The same as the console script `segdist-bench` and `python -m segdist.cli.bench`: see
 segdist/cli/bench.py.

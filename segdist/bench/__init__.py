@@ -3,6 +3,7 @@
 baseline measured in the same run (see BENCHMARKS.md).
 
 - data: training-input throughput, shards vs a folder of files, JPEG vs PNG;
+- feed: CPU ms per training sample of each recipe on its storage (and before it), and the cores a GPU needs;
 - metric: the confusion-matrix update vs seed notebook 002's numpy loop and torchmetrics;
 - step: segdist's train step vs a bare PyTorch (DDP) loop, at 1 and 2 processes;
 - optim: the train step under each optim.implementation (fused, foreach, for-loop);
@@ -17,11 +18,11 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from segdist.bench import data, eval, gpu, metric, optim, scale, step
+    from segdist.bench import data, eval, feed, gpu, metric, optim, scale, step
 
     parser = argparse.ArgumentParser(description="segdist benchmarks; each prints a table.")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for module in (data, metric, step, optim, scale, eval, gpu):
+    for module in (data, feed, metric, step, optim, scale, eval, gpu):
         module.add_parser(sub)
     return parser
 

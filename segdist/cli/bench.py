@@ -1,7 +1,8 @@
-"""Benchmarks:  python launch/bench.py {data,metric,step,optim,scale,eval,gpu} [...]   (--help on each)
+"""Benchmarks:  python launch/bench.py {data,feed,metric,step,optim,scale,eval,gpu} [...]   (--help on each)
 
 `data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
-folder of files, JPEG- vs PNG-stored shards. `metric` times the confusion-matrix update against
+folder of files, JPEG- vs PNG-stored shards. `feed` gives each shipped recipe's CPU ms per training
+sample on the storage its header names (and on the storage before), and the cores a GPU needs. `metric` times the confusion-matrix update against
 seed notebook 002's numpy loop and torchmetrics. `step` times segdist's train step against a bare
 PyTorch (DDP) loop at 1 and 2 processes. `scale` compares training samples/s at 1 and 2
 processes on the real training path. `eval` times evaluation in whole / slide / slide + flip

@@ -1,0 +1,257 @@
+"""`launch/bench.py feed [RECIPE ...]`: can the CPUs feed a GPU on each shipped recipe?
+
+Per recipe it measures, in one process on one thread, the CPU time per sample of the real training
+input path — read the shard (tar), decode the image, decode the mask and check its labels
+(`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
+it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
+recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
+`--jpeg-quality`). Beside it, in the same run and on the same frames, the storage the recipes used
+before they named one: full-size frames, the source's own format (`--image-format keep`).
+
+The GPU side is arithmetic, not a measurement: the model's training FLOPs per sample at the crop
+(`torch.utils.flop_counter`; on the meta device, or on a real CPU copy for models that cannot run
+there, like smp's Segformer) against the dense bf16 peaks of `segdist.telemetry.PEAK_TFLOPS` at a
+stated MFU (40 % by default) give the samples/s a GPU would take; that times the CPU seconds per
+sample is the number of cores per GPU it takes to keep up.
+
+Frames are synthetic (`segdist.bench.data.make_frame`: shapes scenes drawn at a quarter size and
+upscaled, which compress roughly like photos), at each dataset's size: Cityscapes 1024x2048 PNG,
+VOC 375x500 JPEG (quality 90), PH2 560x768 BMP, birds 375x500 JPEG, shapes 64x64 PNG. All files sit
+in the page cache: reading costs syscalls and tar parsing, not disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from segdist.bench.options import require_positive
+from segdist.errors import UserError
+
+# Each dataset's frames as its source ships them: (height, width, source format).
+DATASETS = {
+    "cityscapes": (1024, 2048, "PNG"),
+    "voc": (375, 500, "JPEG"),
+    "ph2": (560, 768, "BMP"),
+    "birds": (375, 500, "JPEG"),
+    "shapes": (64, 64, "PNG"),
+}
+STAGES = ("read", "image", "mask", "augment", "collate")
+"""Where the ms go: tar read, image decode, mask decode + label check, the preset, batching."""
+BEFORE = {"max_size": None, "image_format": "keep", "jpeg_quality": 95}
+"""How every recipe's data was stored before recipes named their storage: full frames, source format."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("feed", help="CPU ms per training sample on each recipe's storage, and the cores a GPU needs",
+                       description=__doc__.split("\n\n")[0].split(": ", 1)[1] + "\n\n" + __doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipes", nargs="*", metavar="RECIPE",
+                   help="recipe files (default: every shipped recipe, recipes/*.toml)")
+    p.add_argument("--frames", type=int, default=12, help="frames written per dataset and storage (default 12)")
+    p.add_argument("--passes", type=int, default=3, help="timed passes over the frames; the fastest counts (default 3)")
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed on the GPU (default 0.40)")
+    p.add_argument("--workdir", default=None, help="write the shards here and keep them (default: a temporary folder)")
+    p.set_defaults(run=run_feed)
+
+
+# -- storage -------------------------------------------------------------------------------------------
+def storage_of(recipe_path: Path, train_split: str) -> dict:
+    """--max-size, --image-format and --jpeg-quality of the recipe's `# convert:` line for its
+    training split (the converter's defaults where the line does not say)."""
+    for line in Path(recipe_path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("# convert: "):
+            continue
+        argv = shlex.split(line[len("# convert: "):])
+        if "--split" in argv and argv[argv.index("--split") + 1] == train_split:
+            value = lambda name, default: argv[argv.index(name) + 1] if name in argv else default  # noqa: E731
+            size = value("--max-size", None)
+            return {"max_size": None if size is None else int(size), "image_format": value("--image-format", "keep"),
+                    "jpeg_quality": int(value("--jpeg-quality", 95))}
+    raise UserError(f"{recipe_path} has no '# convert:' line for its training split {train_split!r}: "
+                    "add one (see recipes/README.md)")
+
+
+def describe(storage: dict, fmt: str) -> str:
+    """What a storage stores, in a few words: e.g. '128x256 raw', '1024x2048 jpeg q90', '375x500 keep (JPEG)'."""
+    kind = storage["image_format"]
+    kind = f"{kind} ({fmt})" if kind == "keep" else kind
+    if storage["image_format"] == "jpeg" or (storage["image_format"] == "keep" and fmt == "JPEG" and storage["max_size"]):
+        kind += f" q{storage['jpeg_quality']}"
+    return kind + (f", longest {storage['max_size']}" if storage["max_size"] else "")
+
+
+def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: int) -> Path:
+    """`frames` synthetic frames of `dataset` at its size, through the converter's own steps for
+    `storage` (source bytes as the dataset ships them, `fit_longest`, `encode_image`), into a split."""
+    from PIL import Image
+
+    from segdist.bench.data import make_frame
+    from segdist.data.convert.imageio import SourceImage, encode_image, fit_longest
+    from segdist.data.shards import ShardWriter, encode_jpeg, encode_png
+    from segdist.data.shapes import PALETTE, make_scene
+
+    h, w, fmt = DATASETS[dataset]
+    labels = max(classes, 2)
+    out = root / f"{dataset}-{labels}-{storage['image_format']}-{storage['max_size']}-{storage['jpeg_quality']}"
+    if (out / "train.json").is_file():
+        return out
+    writer = ShardWriter(out, "train", dataset=dataset, classes=[f"c{i}" for i in range(labels)],
+                         palette=[list(PALETTE[i % len(PALETTE)]) for i in range(labels)], samples_per_shard=frames)
+    with writer:
+        for i in range(frames):
+            rgb, mask = make_scene(3, i, h, w, min(labels, 5)) if dataset == "shapes" else make_frame(i, h, w)
+            mask = (mask.astype(np.int64) % labels).astype(np.uint8)
+            if fmt == "PNG":
+                data = encode_png(rgb)
+            elif fmt == "JPEG":
+                data = encode_jpeg(rgb, 90)
+            else:
+                buf = __import__("io").BytesIO()
+                Image.fromarray(rgb).save(buf, format="BMP")
+                data = buf.getvalue()
+            if fmt == "JPEG":  # the decoded JPEG is what a conversion reads
+                rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            src = SourceImage(rgb, data, fmt, "RGB", keepable=fmt in ("PNG", "JPEG"))
+            small, small_mask = fit_longest(rgb, mask, storage["max_size"])
+            encoded, ext = encode_image(src, storage["image_format"], storage["jpeg_quality"],
+                                        None if small is rgb else small)
+            writer.write(f"f{i:05d}", encoded, ext, small_mask, source_size=(h, w))
+        writer.close()
+    return out
+
+
+# -- timing --------------------------------------------------------------------------------------------
+def time_stages(split: Path, recipe, passes: int) -> tuple[dict[str, float], float]:
+    """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
+    split, one thread. Each stage calls what the training stream calls."""
+    import io
+
+    from PIL import Image
+
+    from segdist.data.augment import build_augment, seed_pipeline
+    from segdist.data.manifest import load_manifest
+    from segdist.data.sample import IMAGE_KINDS, MASK_KIND, decode_image, label_counts, read_shard
+    from segdist.data.stream import mask_tensor
+
+    manifest = load_manifest(split, "train")
+    transform = build_augment(recipe.data.augment, tuple(recipe.data.crop), manifest.ignore_index, recipe.data.augment_args)
+    classes = manifest.num_classes
+    batch = recipe.data.batch_size
+    best = {s: float("inf") for s in STAGES}
+    stored = sum(p.stat().st_size for p in manifest.shard_paths()) / manifest.num_samples / 1e6
+    for _ in range(passes):
+        spent = dict.fromkeys(STAGES, 0.0)
+        t = time.perf_counter()
+        raws = [raw for path in manifest.shard_paths() for raw in read_shard(path)]
+        spent["read"] = time.perf_counter() - t
+        items = []
+        for n, raw in enumerate(raws):
+            t0 = time.perf_counter()
+            image = decode_image(next(raw[k] for k in IMAGE_KINDS if k in raw))
+            t1 = time.perf_counter()
+            mask = np.array(Image.open(io.BytesIO(raw[MASK_KIND])))
+            label_counts(mask, classes, manifest.ignore_index)
+            t2 = time.perf_counter()
+            seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))
+            out = transform(image=image, mask=mask)
+            items.append((torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))))
+            t3 = time.perf_counter()
+            spent["image"] += t1 - t0
+            spent["mask"] += t2 - t1
+            spent["augment"] += t3 - t2
+        t = time.perf_counter()
+        for i in range(0, len(items), batch):
+            torch.utils.data.default_collate(items[i: i + batch])
+        spent["collate"] = time.perf_counter() - t
+        for stage in STAGES:
+            best[stage] = min(best[stage], 1000 * spent[stage] / len(raws))
+    return best, stored
+
+
+def count_flops(recipe, classes: int) -> float | None:
+    """Training (forward + backward) FLOPs per sample at the recipe's crop: on the meta device, else
+    on a real CPU copy (two samples, halved), for models the meta device cannot run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from segdist.models import build_model
+    from segdist.telemetry import flops_per_sample
+
+    spec = dataclasses.replace(recipe.model, encoder_weights=None)
+    crop = tuple(recipe.data.crop)
+    flops = flops_per_sample(lambda: build_model(spec, classes), crop)
+    if flops is not None:
+        return float(flops)
+    model = build_model(spec, classes).train()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 3, *crop)).float().sum().backward()
+    return counter.get_total_flops() / 2
+
+
+# -- the table -------------------------------------------------------------------------------------------
+def gpu_rates(flops: float | None, mfu: float) -> dict[str, float | None]:
+    """Samples/s an H100 and an A100 would train at `mfu` of their dense bf16 peak."""
+    from segdist.telemetry import peak_tflops
+
+    return {gpu: (None if not flops else mfu * peak_tflops(gpu, "bf16") * 1e12 / flops) for gpu in ("H100", "A100")}
+
+
+def run_feed(args: argparse.Namespace) -> int:
+    from segdist.precision import cpu_model
+    from segdist.recipe import load_recipe
+
+    require_positive(args, "frames", "passes")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    root_dir = Path(__file__).resolve().parents[2] / "recipes"
+    paths = [Path(p) for p in args.recipes] or sorted(root_dir.glob("*.toml"))
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"recipe {path} not found")
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    print(f"bench feed: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, one thread; "
+          f"GPU demand at {100 * args.mfu:.0f} % MFU of dense bf16 peaks (H100 989, A100 312 TFLOP/s)")
+    print("before = full frames in the source's format (the storage before recipes named theirs); now = the "
+          "recipe's # convert: line. ms = CPU ms per training sample; cores = ms x samples/s a GPU takes / 1000\n")
+    header = (f"{'recipe':<30} {'GFLOP/s.':>9} {'H100 s/s':>9} {'A100 s/s':>9} | {'stored before':<24} {'ms':>6} "
+              f"{'cores/H100':>10} | {'stored now':<28} {'ms':>6} {'MB':>5} {'cores/H100':>10} {'cores/A100':>10} | "
+              f"now: {' / '.join(STAGES)} ms")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="segdist-feed-") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            recipe = load_recipe(path)
+            dataset = path.stem.split("_")[0]
+            if dataset not in DATASETS:
+                raise UserError(f"recipe {path.name}: no frame size known for dataset {dataset!r} "
+                                f"(known: {', '.join(DATASETS)})")
+            classes = recipe.model.classes or 2
+            fmt = DATASETS[dataset][2]
+            now_storage = storage_of(path, recipe.data.train_split)
+            rows = {}
+            for name, storage in (("before", BEFORE), ("now", now_storage)):
+                split = write_tier(work, dataset, classes, storage, args.frames)
+                rows[name] = time_stages(split, recipe, args.passes)
+            flops = count_flops(recipe, classes)
+            rates = gpu_rates(flops, args.mfu)
+            before_ms = sum(rows["before"][0].values())
+            now_ms = sum(rows["now"][0].values())
+            cores = lambda ms, gpu: "-" if rates[gpu] is None else f"{ms * rates[gpu] / 1000:.1f}"  # noqa: E731
+            rate = lambda gpu: "-" if rates[gpu] is None else f"{rates[gpu]:,.0f}"  # noqa: E731
+            stages = " / ".join(f"{rows['now'][0][s]:.2f}" for s in STAGES)
+            print(f"{path.stem:<30} {(flops or 0) / 1e9:>9.1f} {rate('H100'):>9} {rate('A100'):>9} | "
+                  f"{describe(BEFORE, fmt):<24} {before_ms:>6.2f} {cores(before_ms, 'H100'):>10} | "
+                  f"{describe(now_storage, fmt):<28} {now_ms:>6.2f} {rows['now'][1]:>5.2f} {cores(now_ms, 'H100'):>10} "
+                  f"{cores(now_ms, 'A100'):>10} | {stages}", flush=True)
+    return 0

@@ -170,6 +170,31 @@ def local_world_size() -> int:
     return launch_context().local_world
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask where the OS has one (taskset, a cgroup
+    cpuset, SLURM's --cpus-per-task narrow it; os.cpu_count() counts the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def loader_workers(setting: int | str, cores: int | None = None, local_world: int | None = None) -> tuple[int, str]:
+    """`data.num_workers` as a count of DataLoader workers per training process, and why, for the
+    run's log. "auto": the node's usable cores (`cores`, default usable_cores()) shared among its
+    training processes (`local_world`, default the launcher's), less one per process for the
+    trainer itself, which decodes nothing but runs the step: `max(0, cores // local_world - 1)`.
+    0 reads in the training process, which is then all the machine has to give it. A count is taken
+    as it is. The one resolver: the trainer and the benches both come here."""
+    if setting != "auto":
+        return setting, "as the recipe sets it"
+    cores = usable_cores() if cores is None else cores
+    local_world = max(local_world_size() if local_world is None else local_world, 1)
+    workers = max(0, cores // local_world - 1)
+    return workers, (f"{cores} core{'s' if cores != 1 else ''} / {local_world} local "
+                     f"process{'es' if local_world != 1 else ''}, less 1 for the trainer")
+
+
 def setup_logging(is_main: bool) -> None:
     """One logger that speaks on the main process only; warnings from every rank."""
     logging.basicConfig(

@@ -11,9 +11,24 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on `device`, copied there once per process: a blocking copy from pageable host
+    memory to a GPU waits for the device's stream to drain, and normalise runs every micro-batch,
+    right after the batch's own non-blocking copy, so it would stall the host behind the previous
+    step's kernels each time. On the CPU `.to` is the tensor itself."""
+    stats = _ON_DEVICE.get(device)
+    if stats is None:
+        stats = _ON_DEVICE[device] = (MEAN.to(device), STD.to(device))
+    return stats
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """Float NCHW pixel values in [0, 255] → the model's input, on x's device."""
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
+    mean, std = _statistics(x.device)
+    return (x - mean) / std
 
 
 def to_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +25,9 @@ else:  # pragma: no cover
 from segdist.errors import UserError
 
 NULLS = ("null", "none")
+
+AUTO = "auto"
+"""The one word `data.num_workers` takes besides a count: segdist.distributed.loader_workers resolves it."""
 
 
 @dataclass
@@ -51,8 +54,10 @@ class DataConfig:
     """Split evaluated every `train.eval_every` steps and at the end."""
     batch_size: int = 8
     """Samples per process per micro-step (the effective batch is batch x grad_accum x world)."""
-    num_workers: int = 2
-    """DataLoader worker processes per training process (0 = read in the main process)."""
+    num_workers: Union[int, Literal["auto"]] = AUTO
+    """DataLoader worker processes per training process (0 = read in the main process), or "auto": the
+    node's usable cores shared among its training processes, less one each for the trainer itself
+    (segdist.distributed.loader_workers), so a recipe fits the node it lands on."""
     augment: str = "shapes"
     """Training augmentation preset: shapes, crop, voc, cityscapes, ph2 or birds (segdist/data/augment.py)."""
     augment_args: dict = field(default_factory=dict)
@@ -66,7 +71,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
-        _non_negative("data.num_workers", self.num_workers)
+        if self.num_workers != AUTO and (isinstance(self.num_workers, (str, bool)) or not self.num_workers >= 0):
+            raise UserError(f"data.num_workers must be an integer >= 0 or \"auto\", got {self.num_workers!r}")
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
         _non_negative("data.fetch_retries", self.fetch_retries)
         _non_negative("data.rare_class_min_pixels", self.rare_class_min_pixels)
@@ -402,9 +408,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and parse_null(value) is None:
-            return None
-        return _coerce(key, value, inner[0])
+        if len(inner) < len(args) and isinstance(value, str) and parse_null(value) is None:
+            return None  # only an Optional takes "null"
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for option in inner:  # the first that takes the value, as written
+            try:
+                return _coerce(key, value, option)
+            except UserError:
+                pass
+        raise UserError(f"{key} must be {' or '.join(_expected(a) for a in inner)}, got {_describe(value)}")
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):  # no True for 1
+            raise UserError(f"{key} must be {_expected(hint)}, got {_describe(value)}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list, got {_describe(value)}")
@@ -432,6 +449,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise UserError(f"{key} must be a string (in quotes), got {_describe(value)}")
         return value
     raise TypeError(f"unsupported recipe type {hint} for {key}")  # a bug, not a user error
+
+
+def _expected(hint: Any) -> str:
+    """What a value of a union's member looks like, for the one line that names them all."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(f'"{a}"' if isinstance(a, str) else repr(a) for a in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string (in quotes)"}
+    return names.get(hint, "a list" if typing.get_origin(hint) is list else "a table")
 
 
 def _describe(value: Any) -> str:

@@ -158,7 +158,8 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
                 data_wait = time.perf_counter() - tick
                 next_local = (window_counts(loss_fn, next_masks) if next_masks
                               else torch.zeros(n_terms, dtype=torch.float64, device=device))
-                flags = torch.stack([~torch.isfinite(total), torch.tensor(stop_requested, device=device)])
+                # Filled on the device: torch.tensor(flag, device=cuda) is a blocking copy, a host sync.
+                flags = torch.stack([~torch.isfinite(total), torch.full((), stop_requested, device=device)])
                 # THE collective of the step (float64 sums of whole numbers and weights), under way
                 # during the backward below.
                 summed = start_sum(torch.cat([next_local, flags.to(torch.float64)]))

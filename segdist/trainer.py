@@ -28,6 +28,7 @@ from segdist.data.manifest import Manifest
 from segdist.data.sample import decode_sample, read_shard
 from segdist.data.sampling import class_probabilities
 from segdist.data.stream import TrainStream, train_loader
+from segdist.distributed import loader_workers
 from segdist.errors import TrainingDiverged
 from segdist.evaluate import evaluate, predict_sample
 from segdist.fileio import atomic_write_text
@@ -112,10 +113,12 @@ class Trainer:
         self.r, self.setup, self.accelerator, self.stop, self.meter = r, setup, accelerator, stop, meter
         self.state: TrainState = parts.state
         self.precision = setup.precision
+        # Resolved once: the loader, the layout a resume compares and the log all see this count.
+        self.num_workers, self.num_workers_reason = loader_workers(r.data.num_workers)
         if setup.resume_from is not None:
             log.info("resumed from %s at step %d", setup.resume_from, self.state.step)
             self._warn_if_layout_changed()
-        self.state.layout = {"world_size": accelerator.num_processes, "num_workers": r.data.num_workers,
+        self.state.layout = {"world_size": accelerator.num_processes, "num_workers": self.num_workers,
                              "precision": self.precision.name, "precision_reason": self.precision.reason}
         _check_ranks_agree(accelerator, self.state.step)
         # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
@@ -239,7 +242,7 @@ class Trainer:
             start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
             **({} if setup.draws is None else {"probabilities": setup.draws[0], "offsets": setup.draws[1]}),
         )
-        batches = iter(train_loader(stream, r.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
+        batches = iter(train_loader(stream, self.num_workers, pin_memory=accelerator.device.type == "cuda"))
         rng = load_rng_state(setup.resume_from, accelerator.process_index) if setup.resume_from else None
         if rng is not None:
             set_rng_state(rng)
@@ -265,6 +268,8 @@ class Trainer:
         log.info("world size %d, effective batch %d = %d per process x %d accumulation x %d processes; device %s",
                  world, effective, r.data.batch_size, r.train.grad_accum, world, accelerator.device)
         log.info("precision %s (%s)", precision.name, precision.reason)
+        log.info("data.num_workers %s -> %d loader worker%s per process (%s)", r.data.num_workers, self.num_workers,
+                 "" if self.num_workers == 1 else "s", self.num_workers_reason)
         if precision.warning and accelerator.is_main_process:
             log.warning("%s", precision.warning)
         self.tb.text("run/precision", f"{precision.name}: {precision.reason}", self.state.step)
@@ -305,10 +310,10 @@ class Trainer:
         if saved.get("precision") not in (None, precision.name):
             log.warning("resuming in %s (%s); the checkpoint was trained in %s: training continues, but not "
                         "bit-identical to an uninterrupted run", precision.name, precision.reason, saved["precision"])
-        if saved.get("world_size") != accelerator.num_processes or saved.get("num_workers") != r.data.num_workers:
+        if saved.get("world_size") != accelerator.num_processes or saved.get("num_workers") != self.num_workers:
             log.warning(
                 "resuming with %d processes x %d workers (checkpoint: %s x %s): training continues, but the "
-                "data order differs from an uninterrupted run", accelerator.num_processes, r.data.num_workers,
+                "data order differs from an uninterrupted run", accelerator.num_processes, self.num_workers,
                 saved.get("world_size"), saved.get("num_workers"),
             )
 

@@ -1,5 +1,7 @@
 """The launch decisions of segdist.distributed, as functions of what the node shows."""
 
+import pytest
+
 from segdist.distributed import unused_devices_warning
 
 
@@ -53,3 +55,33 @@ def test_start_sum_without_a_group_gives_the_tensor_back_unchanged():
     t = torch.tensor([3.0, 1.0], dtype=torch.float64)
     finish = start_sum(t)
     assert finish() is t and t.tolist() == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("cores, local_world, workers", [(2, 2, 0), (2, 1, 1), (16, 4, 3), (64, 8, 7), (3, 2, 0),
+                                                          (1, 4, 0), (7, 2, 2)])
+def test_auto_loader_workers_share_the_cores_less_one_per_process(cores, local_world, workers):
+    from segdist.distributed import loader_workers
+
+    count, reason = loader_workers("auto", cores=cores, local_world=local_world)
+    assert count == workers == max(0, cores // local_world - 1)
+    assert f"{cores} core" in reason and f"{local_world} local process" in reason and "less 1" in reason
+
+
+def test_auto_loader_workers_read_the_affinity_mask_and_the_launcher(monkeypatch):
+    import os
+
+    from segdist.distributed import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert loader_workers("auto")[0] == 12 // 3 - 1
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS: no affinity mask, the machine's cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert loader_workers("auto")[0] == 8 // 3 - 1
+
+
+def test_a_loader_worker_count_is_taken_as_it_is():
+    from segdist.distributed import loader_workers
+
+    assert loader_workers(0, cores=64, local_world=1)[0] == 0
+    assert loader_workers(5, cores=2, local_world=2)[0] == 5

@@ -48,6 +48,10 @@ def test_int_accepted_for_float(tmp_path):
         ("[eval]\ncrop = [512, 512]\nstride = [600, 400]\n", "eval.stride [600, 400] is larger than eval.crop"),
         ("[eval]\nscales = [0.5, 0.0]\n", "eval.scales must be positive"),
         ("[eval]\ncrop = [512]\n", "eval.crop must be two positive integers"),
+        ("[data]\nnum_workers = \"many\"\n", 'data.num_workers must be an integer or "auto"'),
+        ("[data]\nnum_workers = \"null\"\n", 'data.num_workers must be an integer or "auto"'),
+        ("[data]\nnum_workers = 1.5\n", 'data.num_workers must be an integer or "auto"'),
+        ("[data]\nnum_workers = -1\n", 'data.num_workers must be an integer >= 0 or "auto"'),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, needle):
@@ -98,3 +102,23 @@ def test_precision_defaults_to_auto():
     from segdist.recipe import TrainConfig
 
     assert TrainConfig().precision == "auto"
+
+
+def test_num_workers_takes_auto_from_the_file_and_from_set(tmp_path):
+    from segdist.recipe import DataConfig
+
+    assert DataConfig().num_workers == "auto"
+    assert load_recipe(write(tmp_path, "[data]\nnum_workers = 3\n")).data.num_workers == 3
+    r = load_recipe(write(tmp_path, "[data]\nnum_workers = 3\n"), ["data.num_workers=auto"])
+    assert r.data.num_workers == "auto"
+    assert load_recipe(write(tmp_path, dumps_toml(r))) == r  # written back as the string
+    assert load_recipe(write(tmp_path, "[data]\nnum_workers = 0\n"), ['data.num_workers="auto"']).data.num_workers == "auto"
+    with pytest.raises(UserError, match='data.num_workers must be an integer or "auto", got str \'Auto\''):
+        load_recipe(write(tmp_path, ""), ["data.num_workers=Auto"])
+    with pytest.raises(UserError, match="data.num_workers"):
+        DataConfig(num_workers="many")  # built in code, not loaded: the same check
+
+
+def test_optional_keys_still_take_null(tmp_path):
+    r = load_recipe(write(tmp_path, "[eval]\ncrop = \"null\"\n"), ["model.classes=none"])
+    assert r.eval.crop is None and r.model.classes is None

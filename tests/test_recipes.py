@@ -83,6 +83,19 @@ def test_recipe_is_complete_and_described(path, tmp_path):
     assert f"`{path.name}`" in (ROOT / "recipes" / "README.md").read_text()
 
 
+AUTO_WORKERS_EXCEPTIONS: dict[str, str] = {}
+"""Recipes that keep a fixed data.num_workers, each with the reason its header comment gives."""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_lets_the_node_choose_its_loader_workers(path):
+    workers = load_recipe(path).data.num_workers
+    if path.stem in AUTO_WORKERS_EXCEPTIONS:
+        assert isinstance(workers, int) and AUTO_WORKERS_EXCEPTIONS[path.stem] in path.read_text()
+    else:
+        assert workers == "auto", f"{path.name}: data.num_workers = {workers!r}; ship \"auto\" (or say why not)"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_builds_and_takes_two_steps(path):
     r = load_recipe(path, ["model.encoder_weights=null"])

@@ -134,3 +134,26 @@ def test_the_steps_one_collective_runs_during_the_last_backward_and_sums_every_r
         assert got["stopping"]  # rank 1 alone was asked to stop: both stop after this step
         # the next window's valid pixels over both ranks: 4 masks of 2x8x8 each rank, less the ignored
         assert got["next_counts"] == [4 * 128 - (10 + 0) - (10 + 1) - 2 * 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only between a host and a GPU")
+def test_a_pinned_batch_reaches_the_gpu_without_a_host_sync():
+    """The loader pins batches on CUDA; their copies (images through to_input, labels through
+    on_device) and the normalisation constants must not make the host wait for the GPU."""
+    from segdist.preprocess import to_input
+    from segdist.step import on_device
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8).pin_memory()
+    masks = torch.randint(0, 5, (2, 16, 16), dtype=torch.uint8).pin_memory()
+    to_input(images[:1], device)  # the first call may copy the constants once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = to_input(images, device)
+        (_, labels), = on_device([(images, masks)], device)
+        flag = torch.full((), True, device=device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.device == labels.device == device and labels.dtype == torch.int64 and flag.dtype == torch.bool
+    assert torch.equal(labels.cpu(), masks.long())

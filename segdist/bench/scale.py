@@ -88,6 +88,7 @@ def train_once(recipe: str, data: Path, run_dir: Path, steps: int, nproc: int, t
 
 
 def run(args: argparse.Namespace) -> int:
+    from segdist.distributed import loader_workers
     from segdist.precision import detect_hardware
     from segdist.recipe import load_recipe
 
@@ -109,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
                     best[n] = perf
     base = best[args.processes[0]]["samples_per_s"]
     r = recipe.data
+    # What each run's trainer resolved data.num_workers to, through the same resolver ("auto" varies with n).
+    workers = {n: loader_workers(r.num_workers, local_world=n)[0] for n in args.processes}
+    worker_text = (f"{workers[args.processes[0]]} loader worker(s) per process" if len(set(workers.values())) == 1
+                   else "data.num_workers auto: " + ", ".join(f"{w} loader worker(s) per process with {n} process(es)"
+                                                               for n, w in workers.items()))
     print(f"training throughput: {Path(args.recipe).name}, batch {r.batch_size} per process at "
-          f"{r.crop[1]}x{r.crop[0]}, {r.num_workers} loader worker(s) per process, {args.threads} thread(s) per "
+          f"{r.crop[1]}x{r.crop[0]}, {worker_text}, {args.threads} thread(s) per "
           f"process, {args.steps} steps per run, best of {args.rounds}; {os.cpu_count()} cores; "
           f"{detect_hardware().describe()}")
     print(f"{'processes':>9} {'samples/s':>10} {'ms/step':>8} {'data wait':>10} {'speed-up':>9}")

@@ -149,7 +149,7 @@ def test_binary_recipe_trains_with_ema_and_counts_exactly(binary_root, tmp_path)
     weights' thresholded predictions, counted here with numpy."""
     run = tmp_path / "run"
     overrides = [
-        f"data.root={binary_root}", "data.crop=[32, 32]", "data.batch_size=4", "data.num_workers=0",
+        f"data.root={binary_root}", "data.val_root=null", "data.crop=[32, 32]", "data.batch_size=4", "data.num_workers=0",
         "data.shuffle_buffer=8", 'model.arch_args={width = 8, depth = 2, norm = "batch", upsample = "maxunpool", skips = true}',
         "model.ema_decay=0.8", "optim.lr=0.01", "train.precision=fp32", "train.steps=12", "train.eval_every=0", "train.ckpt_every=12",
         f"train.run_dir={run}", "eval.batch_size=4", "eval.num_workers=0", "log.every=1", "log.images=1",

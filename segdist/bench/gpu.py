@@ -127,7 +127,7 @@ def eval_check(args) -> str:
     with tempfile.TemporaryDirectory(prefix="segdist-bench-gpu-") as tmp:
         data, run_dir = Path(tmp) / "data", Path(tmp) / "run"
         convert_shapes(data, 256, [64, 64], 5)
-        sets = [f"data.root={data}", f"train.run_dir={run_dir}", f"train.steps={args.train_steps}",
+        sets = [f"data.root={data}", "data.val_root=null", f"train.run_dir={run_dir}", f"train.steps={args.train_steps}",
                 f"train.ckpt_every={args.train_steps}", "train.eval_every=0", "log.images=0"]
         train = [a for s in sets for a in ("--set", s)]
         _check_run(launch_command(str(ROOT / "launch" / "train.py"), [recipe, *train], 1), env, "training")
@@ -135,7 +135,7 @@ def eval_check(args) -> str:
         for where, visible in (("device", env.get("CUDA_VISIBLE_DEVICES")), ("cpu", "")):
             out = Path(tmp) / f"eval-{where}.json"
             argv = launch_command(str(ROOT / "launch" / "eval.py"), [
-                recipe, "--checkpoint", str(run_dir), "--out", str(out), "--set", f"data.root={data}",
+                recipe, "--checkpoint", str(run_dir), "--out", str(out), "--set", f"data.root={data}", "--set", "data.val_root=null",
                 "--set", "train.precision=fp32"], 1)
             run_env = {**env, **({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {})}
             _check_run(argv, run_env, f"eval on the {where}")

@@ -77,7 +77,7 @@ def train_once(recipe: str, data: Path, run_dir: Path, steps: int, nproc: int, t
     from segdist.distributed import launch_command
 
     every = max(1, steps // 5)
-    sets = [f"data.root={data}", f"train.run_dir={run_dir}", f"train.steps={steps}", "train.eval_every=0",
+    sets = [f"data.root={data}", "data.val_root=null", f"train.run_dir={run_dir}", f"train.steps={steps}", "train.eval_every=0",
             f"train.ckpt_every={steps}", f"log.every={every}", "log.images=0", *overrides]
     argv = launch_command(str(ROOT / "launch" / "train.py"), [recipe, *[a for s in sets for a in ("--set", s)]], nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}

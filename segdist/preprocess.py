@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from segdist.data.colour import apply_colour
+
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
@@ -31,8 +33,12 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def to_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def to_input(images: torch.Tensor, device: torch.device | str, colour: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 NHWC batch → normalised float NCHW on the device (normalising there is cheaper
-    than shipping floats from the loader workers)."""
-    return normalise(images.to(device, non_blocking=True).permute(0, 3, 1, 2).float())
+    than shipping floats from the loader workers); `colour`: the training batch's per-sample
+    colour-jitter factors (segdist.data.colour), applied there first."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if colour is not None:
+        x = apply_colour(x, colour)
+    return normalise(x)
 

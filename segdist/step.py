@@ -83,7 +83,7 @@ def on_device(window: list | None, device) -> list | None:
     for 4 of them and 14.7 ms for 8 (fresh pages every time) on one CPU thread."""
     if not window:
         return window
-    return [(images, masks.to(device, non_blocking=True).long()) for images, masks in window]
+    return [(images, masks.to(device, non_blocking=True).long(), *rest) for images, masks, *rest in window]
 
 
 def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -128,7 +128,7 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     """
     device = accelerator.device
     window = on_device(window, device)
-    masks = [m for _, m in window]
+    masks = [m for _, m, *_ in window]
     if counts is None:
         counts = accelerator.reduce(window_counts(loss_fn, masks), reduction="sum").tolist()
     n_terms = len(counts)
@@ -139,10 +139,10 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
     kept.keep()
     total = torch.zeros((), device=device)
     next_window, data_wait, summed = None, 0.0, None
-    for i, ((images, _), target) in enumerate(zip(window, masks)):
+    for i, ((images, _, *colour), target) in enumerate(zip(window, masks)):
         # accumulate(): no gradient all-reduce until the window's last micro-batch.
         with accelerator.accumulate(model):
-            logits = model(to_input(images, device))
+            logits = model(to_input(images, device, *colour))  # colour: the jitter factors, if any
             loss = loss_fn(logits.float(), target, denominators)
             total += loss.detach()
             if i == len(window) - 1:
@@ -154,7 +154,7 @@ def train_step(model, optimizer, loss_fn, window, accelerator, clip: float, *, s
                 tick = time.perf_counter()
                 # Its labels go to the device once: the next step gets them there (as `window`).
                 next_window = on_device(fetch_next(), device) if fetch_next is not None else None
-                next_masks = [m for _, m in next_window] if next_window else []
+                next_masks = [m for _, m, *_ in next_window] if next_window else []
                 data_wait = time.perf_counter() - tick
                 next_local = (window_counts(loss_fn, next_masks) if next_masks
                               else torch.zeros(n_terms, dtype=torch.float64, device=device))

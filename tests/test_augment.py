@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from segdist.data.augment import PRESETS, build_augment, check_augment, preset_params, seed_pipeline
+from segdist.data.augment import PRESETS, build_augment, build_colour, check_augment, preset_params, seed_pipeline
+from segdist.data.colour import ColourJitter
 from segdist.errors import UserError
 from segdist.recipe import recipe_from_dict
 
@@ -122,3 +123,14 @@ def test_recipe_checks_augment_args_when_loaded():
         recipe_from_dict({"data": {"augment": "cityscapes", "augment_args": {"longes": 1024}}})
     with pytest.raises(UserError, match="data.on_corrupt"):
         recipe_from_dict({"data": {"on_corrupt": "ignore"}})
+
+
+def test_colour_jitter_runs_on_the_device_not_in_the_cpu_pipeline():
+    import albumentations as A
+
+    for name in PRESETS:
+        assert not any(isinstance(t, A.ColorJitter) for t in build_augment(name, CROP, 255).transforms), name
+    assert build_colour("voc") == ColourJitter(0.2, 0.2, 0.2, 0.1, 0.5)
+    assert build_colour("voc", {"jitter": 0.4, "hue": 0.2, "p_jitter": 0.8}) == ColourJitter(0.4, 0.4, 0.4, 0.2, 0.8)
+    assert build_colour("cityscapes", {"jitter": 0.0, "hue": 0.0}) is None
+    assert build_colour("voc", {"p_jitter": 0.0}) is None and build_colour("crop") is None and build_colour("ph2") is None

@@ -52,3 +52,13 @@ def test_the_same_on_the_gpu():
     factors = torch.from_numpy(np.stack([ColourJitter(0.4, 0.4, 0.4, 0.2, 1.0).draw(np.random.default_rng(n))
                                          for n in range(8)]))
     assert torch.allclose(apply_colour(x.cuda(), factors).cpu(), apply_colour(x, factors), atol=1e-3)
+
+
+def test_to_input_applies_the_factors_before_normalising():
+    from segdist.preprocess import normalise, to_input
+
+    images = batch(3, 8, 8).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    factors = torch.tensor([[1.3, 0.9, 1.1, 0.05], list(IDENTITY), [0.8, 1.2, 0.5, -0.1]])
+    x = images.permute(0, 3, 1, 2).float()
+    assert torch.equal(to_input(images, "cpu", factors), normalise(apply_colour(x, factors)))
+    assert torch.equal(to_input(images, "cpu", factors)[1], to_input(images, "cpu")[1])

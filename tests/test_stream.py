@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segdist.data.augment import build_augment
+from segdist.data.colour import ColourJitter
 from segdist.data.manifest import load_manifest
 from segdist.data.shards import ShardWriter, encode_png
 from segdist.data.sample import CorruptSample, ShardError, read_shard
@@ -31,11 +32,11 @@ def test_eval_stream_reads_every_sample_exactly_once(shapes_root, split, world, 
     assert len(keys) == 7 and len(set(keys)) == 7
 
 
-def make_train(manifest, rank=0, world=1, start_batch=0, seed=0):
+def make_train(manifest, rank=0, world=1, start_batch=0, seed=0, colour=None):
     return TrainStream(
         manifest.shard_paths(), rank=rank, world=world, seed=seed,
         transform=build_augment("shapes", (32, 32), 255), num_classes=4, ignore_index=255,
-        shuffle_buffer=8, batch_size=3, start_batch=start_batch,
+        shuffle_buffer=8, batch_size=3, start_batch=start_batch, colour=colour,
     )
 
 
@@ -56,6 +57,24 @@ def test_train_stream_is_deterministic_and_resumes_at_the_exact_batch(shapes_roo
         for (a, am), (b, bm) in zip(full[start:], resumed):
             assert torch.equal(a, b) and torch.equal(am, bm)
     assert full[0][0].shape == (3, 32, 32, 3) and full[0][1].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_colour_factors_ride_with_the_batch_from_each_samples_seed_and_resume_exactly(shapes_root, workers):
+    """The preset's colour jitter is drawn per sample (seed, rank, worker, n, 3) and travels as a third
+    tensor; the CPU pipeline, and so the images and masks, are those of a stream without it."""
+    manifest = load_manifest(shapes_root, "train")
+    colour = ColourJitter(0.3, 0.3, 0.3, 0.1, 0.5)
+    plain = take(make_train(manifest), workers, 5)
+    full = take(make_train(manifest, colour=colour), workers, 5)
+    for (a, am), (b, bm, factors) in zip(plain, full):
+        assert torch.equal(a, b) and torch.equal(am, bm) and factors.shape == (3, 4) and factors.dtype == torch.float32
+    first = np.random.default_rng([0, 0, 0, 0, 3])  # seed 0, rank 0, worker 0, sample 0
+    assert torch.equal(full[0][2][0], torch.from_numpy(colour.draw(first)))
+    assert len({tuple(f.tolist()) for batch in full for f in batch[2]}) > 5  # not one draw for all
+    resumed = take(make_train(manifest, start_batch=3, colour=colour), workers, 2)
+    for got, want in zip(resumed, full[3:]):
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
 
 
 def test_train_stream_is_endless_and_ranks_get_different_data(shapes_root):

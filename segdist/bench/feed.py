@@ -5,8 +5,9 @@ input path — read the shard (tar), decode the image, decode the mask and check
 (`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
 it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
 recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
-`--jpeg-quality`). Beside it, in the same run and on the same frames, the storage the recipes used
-before they named one: full-size frames, the source's own format (`--image-format keep`).
+`--jpeg-quality`), colour jitter drawn as factors for the device. Beside it, in the same run and on
+the same frames, the input path before: full-size frames in the source's own format
+(`--image-format keep`), colour jitter run on the CPU in the pipeline (albumentations' ColorJitter).
 
 The GPU side is arithmetic, not a measurement: the model's training FLOPs per sample at the crop
 (`torch.utils.flop_counter`; on the meta device, or on a real CPU copy for models that cannot run
@@ -130,20 +131,38 @@ def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: in
 
 
 # -- timing --------------------------------------------------------------------------------------------
-def time_stages(split: Path, recipe, passes: int) -> tuple[dict[str, float], float]:
+def pipeline(recipe, ignore_index: int, colour_on_cpu: bool):
+    """(CPU pipeline, colour jitter whose factors the loader draws): today's, or the one before
+    colour jitter moved to the device, albumentations' ColorJitter at the end of the CPU pipeline."""
+    import albumentations as A
+
+    from segdist.data.augment import build_augment, build_colour
+
+    data = recipe.data
+    transform = build_augment(data.augment, tuple(data.crop), ignore_index, data.augment_args)
+    colour = build_colour(data.augment, data.augment_args)
+    if colour_on_cpu and colour is not None:
+        jitter = A.ColorJitter(brightness=colour.brightness, contrast=colour.contrast, saturation=colour.saturation,
+                               hue=colour.hue, p=colour.p)
+        return A.Compose([*transform.transforms, jitter]), None
+    return transform, colour
+
+
+def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[dict[str, float], float]:
     """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
-    split, one thread. Each stage calls what the training stream calls."""
+    split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
+    preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
     import io
 
     from PIL import Image
 
-    from segdist.data.augment import build_augment, seed_pipeline
+    from segdist.data.augment import seed_pipeline
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import IMAGE_KINDS, MASK_KIND, decode_image, label_counts, read_shard
     from segdist.data.stream import mask_tensor
 
     manifest = load_manifest(split, "train")
-    transform = build_augment(recipe.data.augment, tuple(recipe.data.crop), manifest.ignore_index, recipe.data.augment_args)
+    transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
     classes = manifest.num_classes
     batch = recipe.data.batch_size
     best = {s: float("inf") for s in STAGES}
@@ -163,7 +182,10 @@ def time_stages(split: Path, recipe, passes: int) -> tuple[dict[str, float], flo
             t2 = time.perf_counter()
             seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))
             out = transform(image=image, mask=mask)
-            items.append((torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))))
+            item = (torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"])))
+            if colour is not None:  # only the factors: the device applies them
+                item += (torch.from_numpy(colour.draw(np.random.default_rng([0, 0, 0, n, 3]))),)
+            items.append(item)
             t3 = time.perf_counter()
             spent["image"] += t1 - t0
             spent["mask"] += t2 - t1
@@ -220,8 +242,9 @@ def run_feed(args: argparse.Namespace) -> int:
     cv2.setNumThreads(1)
     print(f"bench feed: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, one thread; "
           f"GPU demand at {100 * args.mfu:.0f} % MFU of dense bf16 peaks (H100 989, A100 312 TFLOP/s)")
-    print("before = full frames in the source's format (the storage before recipes named theirs); now = the "
-          "recipe's # convert: line. ms = CPU ms per training sample; cores = ms x samples/s a GPU takes / 1000\n")
+    print("before = full frames in the source's format, colour jitter on the CPU; now = the recipe's # convert: "
+          "line, colour jitter on the device. ms = CPU ms per training sample; cores = ms x samples/s a GPU "
+          "takes / 1000\n")
     header = (f"{'recipe':<30} {'GFLOP/s.':>9} {'H100 s/s':>9} {'A100 s/s':>9} | {'stored before':<24} {'ms':>6} "
               f"{'cores/H100':>10} | {'stored now':<28} {'ms':>6} {'MB':>5} {'cores/H100':>10} {'cores/A100':>10} | "
               f"now: {' / '.join(STAGES)} ms")
@@ -242,7 +265,7 @@ def run_feed(args: argparse.Namespace) -> int:
             rows = {}
             for name, storage in (("before", BEFORE), ("now", now_storage)):
                 split = write_tier(work, dataset, classes, storage, args.frames)
-                rows[name] = time_stages(split, recipe, args.passes)
+                rows[name] = time_stages(split, recipe, args.passes, colour_on_cpu=name == "before")
             flops = count_flops(recipe, classes)
             rates = gpu_rates(flops, args.mfu)
             before_ms = sum(rows["before"][0].values())

@@ -9,7 +9,12 @@ their defaults are the knobs a recipe may turn, e.g.
 
 An unknown key, or a value of the wrong type or range, is a `UserError` that lists the preset's
 parameters. Conventions: `p_*` are probabilities; `scale` is a [low, high] zoom range; `jitter` is
-the brightness/contrast/saturation strength of ColorJitter and `hue` its hue strength.
+the brightness/contrast/saturation strength of the colour jitter and `hue` its hue strength.
+
+Geometry runs here, on the CPU in the loader (`build_augment`). Colour jitter does not: the loader
+only draws each sample's factors and the trainer applies them to the batch on the device
+(`build_colour`, segdist.data.colour), since four full-frame passes per sample on the CPU are what
+keeps a GPU waiting.
 
 Joint on image and mask, always: masks are resized and warped with nearest interpolation (no
 invented label values) and every pixel that did not come from the photo (padding, a rotated-in
@@ -31,6 +36,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from segdist.data.colour import ColourJitter
 from segdist.errors import UserError
 
 LINEAR = cv2.INTER_LINEAR
@@ -69,8 +75,9 @@ def _fit(crop: tuple[int, int], ignore_index: int, keep_aspect: bool) -> list:
             _pad(crop, ignore_index)]
 
 
-def _jitter(strength: float, hue: float, p: float):
-    return _albu().ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=hue, p=p)
+def _jitter(strength: float, hue: float, p: float) -> ColourJitter:
+    """A preset's colour jitter, applied on the device (segdist.data.colour), never in the CPU pipeline."""
+    return ColourJitter(brightness=strength, contrast=strength, saturation=strength, hue=hue, p=p)
 
 
 # -- presets ---------------------------------------------------------------------------------------
@@ -80,7 +87,7 @@ def shapes(crop, ignore_index, *, p_flip: float = 0.5, p_rot90: float = 0.5, jit
     A turn would change a non-square crop's shape (and break batching): there, a vertical flip instead."""
     A = _albu()
     turn = A.RandomRotate90(p=p_rot90) if crop[0] == crop[1] else A.VerticalFlip(p=p_rot90)
-    return A.Compose([*_pad_crop(crop, ignore_index), A.HorizontalFlip(p=p_flip), turn, _jitter(jitter, hue, p_jitter)])
+    return A.Compose([*_pad_crop(crop, ignore_index), A.HorizontalFlip(p=p_flip), turn]), _jitter(jitter, hue, p_jitter)
 
 
 def crop_only(crop, ignore_index):
@@ -92,15 +99,14 @@ def voc(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), p_flip: 
         jitter: float = 0.2, hue: float = 0.1, p_jitter: float = 0.5):
     """Pascal VOC (notebooks 000/002): the image zoomed by a factor uniform in `scale`, padded with
     ignore to the crop where smaller, a random crop (512x512 in the notebooks), a horizontal flip,
-    colour jitter (0.2, 0.2, 0.2, 0.1 as notebook 000)."""
+    colour jitter (0.2, 0.2, 0.2, 0.1 as notebook 000; on the device)."""
     A = _albu()
     lo, hi = scale
     return A.Compose([
         A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=LINEAR, mask_interpolation=NEAREST, p=1.0),
         *_pad_crop(crop, ignore_index),
         A.HorizontalFlip(p=p_flip),
-        _jitter(jitter, hue, p_jitter),
-    ])
+    ]), _jitter(jitter, hue, p_jitter)
 
 
 def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), longest: int = 0,
@@ -125,8 +131,7 @@ def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), l
         A.RandomSizedCrop(min_max_height=(max(1, round(h / hi)), biggest[0]), size=(h, w), w2h_ratio=w / h,
                           interpolation=LINEAR, mask_interpolation=NEAREST),
         A.HorizontalFlip(p=p_flip),
-        _jitter(jitter, hue, p_jitter),
-    ])
+    ]), _jitter(jitter, hue, p_jitter)
 
 
 def ph2(crop, ignore_index, *, keep_aspect: bool = False, p_flip: float = 0.5, p_vflip: float = 0.5,
@@ -156,6 +161,7 @@ def birds(crop, ignore_index, *, keep_aspect: bool = True, p_flip: float = 0.0):
 
 
 PRESETS: dict[str, Callable[..., Any]] = {
+    # each returns its CPU pipeline (an A.Compose), or (pipeline, ColourJitter) when it jitters colour
     "shapes": shapes,
     "crop": crop_only,
     "voc": voc,
@@ -215,15 +221,27 @@ def check_augment(name: str, args: dict) -> dict[str, Any]:
     return kwargs
 
 
-def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None = None):
-    """The training pipeline `name` at `crop` = (height, width), tuned by `args` (data.augment_args)."""
+def _build(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None):
     kwargs = check_augment(name, args or {})
     try:
-        return PRESETS[name](tuple(crop), ignore_index, **kwargs)
+        built = PRESETS[name](tuple(crop), ignore_index, **kwargs)
     except ValueError as exc:  # albumentations validates its arguments with pydantic (a ValueError)
         first = str(exc).strip().splitlines()
         raise UserError(f"data.augment_args {args} are invalid for preset {name!r}: "
                         f"{' '.join(first[:3])}") from None
+    return built if isinstance(built, tuple) else (built, None)
+
+
+def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None = None):
+    """The CPU training pipeline (geometry) of preset `name` at `crop` = (height, width), tuned by
+    `args` (data.augment_args)."""
+    return _build(name, crop, ignore_index, args)[0]
+
+
+def build_colour(name: str, args: dict | None = None) -> ColourJitter | None:
+    """The preset's colour jitter, applied on the device; None when it has none or it is off."""
+    colour = _build(name, (8, 8), 255, args)[1]
+    return colour if colour is not None and colour.active else None
 
 
 def seed_pipeline(pipeline, seed: int) -> None:

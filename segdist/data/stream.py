@@ -10,7 +10,9 @@ Training: each slot loops over passes forever (lockstep comes from the engine ta
 shard order with (seed, p) and samples with a buffer seeded by (seed, rank, worker, p); sample n of
 a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
-produced, before decoding them. With rare-class sampling (segdist.data.sampling) a pass yields
+produced, before decoding them. A preset's colour jitter is not applied here: sample n draws its
+factors from (seed, rank, worker, n, 3) and the batch carries them as a third tensor (N x 4), which
+the trainer applies on the device (segdist.data.colour). With rare-class sampling (segdist.data.sampling) a pass yields
 each sample as often as that pass's draw, seeded by (seed, p), says: the same on every rank.
 
 A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
@@ -39,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
+from segdist.data.colour import ColourJitter
 from segdist.data.location import ShardSource
 from segdist.data.sampling import draws
 from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
@@ -136,12 +139,14 @@ class TrainStream(IterableDataset):
         on_corrupt: str = "fail",
         probabilities: np.ndarray | None = None,
         offsets: list[int] | None = None,
+        colour: ColourJitter | None = None,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         self.shards = list(shards)  # paths, or location.ShardSource for shards of any root
         self.rank, self.world, self.seed = rank, world, seed
         self.transform = transform
+        self.colour = colour  # factors drawn here, applied on the device
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
@@ -199,10 +204,14 @@ class TrainStream(IterableDataset):
                     "use fewer processes or workers, or set data.sampling = \"uniform\""
                 )
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
+        """(image, mask) after the CPU pipeline, plus the colour factors when the preset jitters colour."""
         seed_pipeline(self.transform, int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))
         out = self.transform(image=image, mask=mask)
-        return torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
+        sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
+        if self.colour is None:
+            return sample
+        return *sample, torch.from_numpy(self.colour.draw(np.random.default_rng([self.seed, self.rank, worker, n, 3])))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader_worker, workers = _slot()

@@ -192,7 +192,7 @@ class Trainer:
                          fetch_next=None if last else self._draw)
         self.scheduler.step()  # once per optimizer step, applied or skipped: the LR follows the step count
         self.meter.waited(out.data_wait)
-        self.meter.stepped(sum(len(m) for _, m in window), sum(m.numel() for _, m in window))
+        self.meter.stepped(sum(len(m) for _, m, *_ in window), sum(m.numel() for _, m, *_ in window))
         self.state.record(out, self.state.step + 1, r.train.max_bad_steps)
         return out
 

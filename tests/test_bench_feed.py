@@ -15,16 +15,18 @@ from segdist.errors import UserError
 
 def test_storage_comes_from_the_training_splits_convert_line():
     assert storage_of(ROOT / "recipes" / "cityscapes_unet.toml", "train") == {
-        "max_size": 256, "image_format": "raw", "jpeg_quality": 95}
+        "max_size": 256, "image_format": "raw", "jpeg_quality": 95, "mask_format": "raw"}
     assert storage_of(ROOT / "recipes" / "cityscapes_deeplabv3plus_r50.toml", "train") == {
-        "max_size": None, "image_format": "jpeg", "jpeg_quality": 90}
-    assert storage_of(ROOT / "recipes" / "voc_unet_r34.toml", "train")["image_format"] == "keep"
+        "max_size": None, "image_format": "jpeg", "jpeg_quality": 90, "mask_format": "png"}
+    assert storage_of(ROOT / "recipes" / "birds_unet.toml", "train")["mask_format"] == "raw"
+    assert storage_of(ROOT / "recipes" / "shapes_unet.toml", "train")["image_format"] == "keep"
     with pytest.raises(UserError, match="no '# convert:' line for its training split 'trainaug'"):
         storage_of(ROOT / "recipes" / "voc_unet_r34.toml", "trainaug")
 
 
 def test_tiers_are_written_as_the_converter_writes_them(tmp_path):
-    tier = write_tier(tmp_path, "cityscapes", 19, {"max_size": 256, "image_format": "raw", "jpeg_quality": 95}, 2)
+    tier = write_tier(tmp_path, "cityscapes", 19,
+                      {"max_size": 256, "image_format": "raw", "jpeg_quality": 95, "mask_format": "raw"}, 2)
     m = load_manifest(tier, "train")
     assert m.frame_sizes == {"stored": {"min": [128, 256], "max": [128, 256]},
                              "source": {"min": [1024, 2048], "max": [1024, 2048]}}

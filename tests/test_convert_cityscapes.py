@@ -186,3 +186,18 @@ def test_max_size_below_8_is_refused(tmp_path):
     with pytest.raises(UserError, match="--max-size must be >= 8"):
         shard("cityscapes", "--root", tmp_path / "cs", "--split", "train", "--out", tmp_path / "out", "--max-size", "4")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_raw_masks_store_the_train_ids_uncompressed(tmp_path):
+    from segdist.data.sample import decode_sample
+
+    raw = make_cityscapes(tmp_path / "cs")
+    assert shard("cityscapes", "--root", tmp_path / "cs", "--split", "train", "--out", tmp_path / "out",
+                 "--image-format", "raw", "--mask-format", "raw") == 0
+    manifest, samples = read_split(tmp_path / "out", "train")
+    for key, files in samples.items():
+        assert set(files) == {"image.npy", "mask.npy", "meta.json"} and len(files["mask.npy"]) == 128 + H * W
+        _, _, mask = decode_sample({"__key__": key, **files}, 19, 255)
+        assert np.array_equal(mask, expected_train_ids(raw[key])) and mask.dtype == np.uint8
+    assert manifest["options"]["mask_format"] == "raw"
+    assert shard("verify", tmp_path / "out", "--deep") == 0

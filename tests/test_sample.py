@@ -78,3 +78,18 @@ def test_raw_images_decode_only_when_their_bytes_match_the_recorded_shape():
     sample = {"__key__": "k", "__url__": "s.tar", "image.npy": data[:-3], "mask.png": encode_png(np.zeros((5, 7), np.uint8))}
     with pytest.raises(CorruptSample, match="sample k in s.tar has an image that does not decode"):
         decode_sample(sample, 2, 255)
+
+
+def test_raw_masks_decode_only_when_their_bytes_match_the_recorded_shape():
+    from segdist.data.sample import CorruptSample, decode_mask, decode_sample
+    from segdist.data.shards import encode_mask, encode_raw
+
+    mask = np.random.default_rng(0).integers(0, 3, (5, 7)).astype(np.uint8)
+    data = encode_mask(mask, 3, "raw")
+    assert np.array_equal(decode_mask(data), mask) and decode_mask(data).flags.writeable
+    assert np.array_equal(decode_mask(encode_mask(mask, 300, "raw")), mask.astype(np.uint16))  # 16-bit beyond 255 classes
+    with pytest.raises(ValueError):
+        decode_mask(data[:-1])
+    sample = {"__key__": "k", "__url__": "s.tar", "image.npy": encode_raw(np.zeros((5, 7, 3), np.uint8)), "mask.npy": data + b"\0"}
+    with pytest.raises(CorruptSample, match="sample k in s.tar has a mask that does not decode"):
+        decode_sample(sample, 3, 255)

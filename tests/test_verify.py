@@ -124,7 +124,7 @@ def test_deep_finds_a_label_out_of_range(out):
 
 def test_deep_finds_a_missing_mask(out):
     rewrite(out / "photos-000000.tar", lambda members: [(n, d) for n, d in members if n != "b.mask.png"])
-    with pytest.raises(UserError, match=r"shard .*photos-000000.tar sample b: needs one image.png, image.jpg or image.npy and a mask.png"):
+    with pytest.raises(UserError, match=r"shard .*photos-000000.tar sample b: needs one image.png, image.jpg or image.npy and one mask.png or mask.npy"):
         verify(out, "--deep")
 
 

@@ -5,7 +5,7 @@ input path — read the shard (tar), decode the image, decode the mask and check
 (`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
 it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
 recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
-`--jpeg-quality`), colour jitter drawn as factors for the device. Beside it, in the same run and on
+`--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device. Beside it, in the same run and on
 the same frames, the input path before: full-size frames in the source's own format
 (`--image-format keep`), colour jitter run on the CPU in the pipeline (albumentations' ColorJitter).
 
@@ -47,7 +47,7 @@ DATASETS = {
 }
 STAGES = ("read", "image", "mask", "augment", "collate")
 """Where the ms go: tar read, image decode, mask decode + label check, the preset, batching."""
-BEFORE = {"max_size": None, "image_format": "keep", "jpeg_quality": 95}
+BEFORE = {"max_size": None, "image_format": "keep", "jpeg_quality": 95, "mask_format": "png"}
 """How every recipe's data was stored before recipes named their storage: full frames, source format."""
 
 
@@ -77,7 +77,7 @@ def storage_of(recipe_path: Path, train_split: str) -> dict:
             value = lambda name, default: argv[argv.index(name) + 1] if name in argv else default  # noqa: E731
             size = value("--max-size", None)
             return {"max_size": None if size is None else int(size), "image_format": value("--image-format", "keep"),
-                    "jpeg_quality": int(value("--jpeg-quality", 95))}
+                    "jpeg_quality": int(value("--jpeg-quality", 95)), "mask_format": value("--mask-format", "png")}
     raise UserError(f"{recipe_path} has no '# convert:' line for its training split {train_split!r}: "
                     "add one (see recipes/README.md)")
 
@@ -88,7 +88,8 @@ def describe(storage: dict, fmt: str) -> str:
     kind = f"{kind} ({fmt})" if kind == "keep" else kind
     if storage["image_format"] == "jpeg" or (storage["image_format"] == "keep" and fmt == "JPEG" and storage["max_size"]):
         kind += f" q{storage['jpeg_quality']}"
-    return kind + (f", longest {storage['max_size']}" if storage["max_size"] else "")
+    kind += f", longest {storage['max_size']}" if storage["max_size"] else ""
+    return kind + (", raw masks" if storage["mask_format"] == "raw" else "")
 
 
 def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: int) -> Path:
@@ -103,11 +104,12 @@ def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: in
 
     h, w, fmt = DATASETS[dataset]
     labels = max(classes, 2)
-    out = root / f"{dataset}-{labels}-{storage['image_format']}-{storage['max_size']}-{storage['jpeg_quality']}"
+    out = root / "-".join(map(str, (dataset, labels, *storage.values())))
     if (out / "train.json").is_file():
         return out
     writer = ShardWriter(out, "train", dataset=dataset, classes=[f"c{i}" for i in range(labels)],
-                         palette=[list(PALETTE[i % len(PALETTE)]) for i in range(labels)], samples_per_shard=frames)
+                         palette=[list(PALETTE[i % len(PALETTE)]) for i in range(labels)], samples_per_shard=frames,
+                         mask_format=storage["mask_format"])
     with writer:
         for i in range(frames):
             rgb, mask = make_scene(3, i, h, w, min(labels, 5)) if dataset == "shapes" else make_frame(i, h, w)
@@ -153,13 +155,9 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
     split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
-    import io
-
-    from PIL import Image
-
     from segdist.data.augment import seed_pipeline
     from segdist.data.manifest import load_manifest
-    from segdist.data.sample import IMAGE_KINDS, MASK_KIND, decode_image, label_counts, read_shard
+    from segdist.data.sample import IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, label_counts, read_shard
     from segdist.data.stream import mask_tensor
 
     manifest = load_manifest(split, "train")
@@ -178,7 +176,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             t0 = time.perf_counter()
             image = decode_image(next(raw[k] for k in IMAGE_KINDS if k in raw))
             t1 = time.perf_counter()
-            mask = np.array(Image.open(io.BytesIO(raw[MASK_KIND])))
+            mask = decode_mask(next(raw[k] for k in MASK_KINDS if k in raw))
             label_counts(mask, classes, manifest.ignore_index)
             t2 = time.perf_counter()
             seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))

@@ -2,8 +2,9 @@
 decoding the image and the mask, the label check, padding, and 8/16-bit handling.
 
 A sample `<key>` of a shard is the tar members `<key>.image.png`, `<key>.image.jpg` (RGB) or
-`<key>.image.npy` (uncompressed HxWx3 uint8 pixels, `--image-format raw`),
-`<key>.mask.png` (8-bit, or 16-bit beyond 255 classes) and optionally `<key>.meta.json`; a key
+`<key>.image.npy` (uncompressed HxWx3 uint8 pixels, `--image-format raw`), `<key>.mask.png` or
+`<key>.mask.npy` (uncompressed, `--mask-format raw`),
+the mask 8-bit, or 16-bit beyond 255 classes, and optionally `<key>.meta.json`; a key
 ends at the first dot of the file name (WebDataset's rule), and a sample's members are adjacent.
 The writer (segdist.data.shards), the training and eval streams (segdist.data.stream), `verify`,
 the benches, prediction and the TensorBoard strips all go through this module.
@@ -27,6 +28,8 @@ IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG", "image.npy": "NPY"}
 """Image members by kind, with the format they must hold (NPY: numpy's array file, not PIL's)."""
 _NPY_MAGIC = b"\x93NUMPY"
 MASK_KIND = "mask.png"
+MASK_KINDS = (MASK_KIND, "mask.npy")
+"""Mask members: PNG, or uncompressed (`--mask-format raw`)."""
 META_KIND = "meta.json"
 PAD_MULTIPLE = 32
 """Batches and single images are padded to a multiple of this (what smp encoders need): images with
@@ -159,9 +162,10 @@ def make_sample(key: str, url: str, image: bytes, image_kind: str, mask: bytes) 
 
 
 # -- decoding and the label check ---------------------------------------------------------------
-def decode_raw(data: bytes) -> np.ndarray | None:
-    """HxWx3 uint8 pixels of `.npy` bytes; None unless the header says a C-order HxWx3 uint8 array
-    and the bytes after it are exactly that many (a cut or padded member is corrupt, not reshaped)."""
+def decode_raw(data: bytes, image: bool = True) -> np.ndarray | None:
+    """The pixels of `.npy` bytes: an HxWx3 uint8 image (`image`), else an HxW uint8 or uint16 mask;
+    None unless the header says such a C-order array and the bytes after it are exactly that many
+    (a cut or padded member is corrupt, not reshaped)."""
     buf = io.BytesIO(data)
     try:
         if np.lib.format.read_magic(buf) != (1, 0):
@@ -169,11 +173,23 @@ def decode_raw(data: bytes) -> np.ndarray | None:
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
     except ValueError:
         return None
-    if fortran or dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+    if image:
+        ok = dtype == np.uint8 and len(shape) == 3 and shape[2] == 3
+    else:
+        ok = dtype in (np.uint8, np.uint16) and len(shape) == 2
+    if fortran or not ok or min(shape) < 1 or len(data) - buf.tell() != int(np.prod(shape)) * dtype.itemsize:
         return None
-    if len(data) - buf.tell() != shape[0] * shape[1] * 3:
-        return None
-    return np.frombuffer(data, np.uint8, offset=buf.tell()).reshape(shape).copy()  # writable, for torch
+    return np.frombuffer(data, dtype, offset=buf.tell()).reshape(shape).copy()  # writable, for torch
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """An HxW mask of stored mask bytes (PNG or raw `.npy`); bytes that do not decode raise ValueError."""
+    if data[:6] == _NPY_MAGIC:
+        mask = decode_raw(data, image=False)
+        if mask is None:
+            raise ValueError("its bytes do not match the shape its header records")
+        return mask
+    return np.array(Image.open(io.BytesIO(data)))  # writable, for torch
 
 
 def decode_image(data: bytes) -> np.ndarray | None:
@@ -203,13 +219,14 @@ def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[st
     """
     key, url = sample["__key__"], sample.get("__url__")
     image_bytes = next((sample[kind] for kind in IMAGE_KINDS if kind in sample), None)
-    if image_bytes is None or MASK_KIND not in sample:
-        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png)")
+    mask_bytes = next((sample[kind] for kind in MASK_KINDS if kind in sample), None)
+    if image_bytes is None or mask_bytes is None:
+        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png/mask.npy)")
     image = decode_image(image_bytes)
     if image is None:
         raise CorruptSample(key, url, "has an image that does not decode")
     try:
-        mask = np.array(Image.open(io.BytesIO(sample[MASK_KIND])))  # writable, for torch
+        mask = decode_mask(mask_bytes)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
         raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
     if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):

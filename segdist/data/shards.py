@@ -42,17 +42,23 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
 
 
 def encode_raw(array: np.ndarray) -> bytes:
-    """Uncompressed HxWx3 uint8 pixels as `.npy` bytes: numpy's header records the shape and dtype,
-    so reading costs a header parse and one copy, no decode (`segdist.data.sample.decode_raw`)."""
+    """Uncompressed pixels (an HxWx3 uint8 image, an HxW uint8/uint16 mask) as `.npy` bytes: numpy's
+    header records the shape and dtype, so reading costs a header parse and one copy, no decode
+    (`segdist.data.sample.decode_raw`)."""
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.uint8), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
-def encode_mask(mask: np.ndarray, num_classes: int) -> bytes:
-    """8-bit PNG, or 16-bit when there are more than 255 classes (ignore stays in range)."""
+MASK_FORMATS = {"png": MASK_KIND, "raw": "mask.npy"}
+"""--mask-format → the member kind it writes."""
+
+
+def encode_mask(mask: np.ndarray, num_classes: int, mask_format: str = "png") -> bytes:
+    """8-bit, or 16-bit when there are more than 255 classes (ignore stays in range): PNG, or raw."""
     dtype = np.uint8 if num_classes <= 255 else np.uint16
-    return encode_png(mask.astype(dtype, copy=False))
+    mask = mask.astype(dtype, copy=False)
+    return encode_raw(mask) if mask_format == "raw" else encode_png(mask)
 
 
 def count_class_pixels(mask: np.ndarray, num_classes: int, ignore_index: int, key: str) -> np.ndarray:
@@ -82,7 +88,11 @@ class ShardWriter:
         shard_size_mb: float | None = None,
         source: dict | None = None,
         options: dict | None = None,
+        mask_format: str = "png",
     ) -> None:
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {sorted(MASK_FORMATS)}, got {mask_format!r}")
+        self.mask_format = mask_format
         self.out = Path(out)
         self.split = split
         self.dataset = dataset
@@ -122,7 +132,7 @@ class ShardWriter:
         self.class_pixels += counts
         self._sample_classes.append([[int(c), int(counts[c])] for c in np.flatnonzero(counts)])
         files = {member_name(key, f"image.{image_ext}"): image,
-                 member_name(key, MASK_KIND): encode_mask(mask, len(self.classes))}
+                 member_name(key, MASK_FORMATS[self.mask_format]): encode_mask(mask, len(self.classes), self.mask_format)}
         if meta is not None:
             files[member_name(key, META_KIND)] = json.dumps(meta, sort_keys=True).encode()
         if self._tar is None:

@@ -44,6 +44,10 @@ def add_converter_options(parser: argparse.ArgumentParser) -> None:
         "when training reads them, for small frames where disk is cheaper than CPU (default keep)",
     )
     parser.add_argument(
+        "--mask-format", choices=("png", "raw"), default="png",
+        help="png = 8/16-bit PNG; raw = uncompressed (.npy): no decode when training reads them (default png)",
+    )
+    parser.add_argument(
         "--max-size", type=int, default=None, metavar="N",
         help="store frames with their longest side at most N pixels (images INTER_AREA, masks nearest): a "
         "tier at a recipe's training size; the manifest records stored and source sizes (default: as the source)",
@@ -73,6 +77,7 @@ def output_options(args: argparse.Namespace, **extra) -> dict:
         "image_format": args.image_format,
         "jpeg_quality": args.jpeg_quality if args.image_format == "jpeg" or args.max_size else None,
         "max_size": args.max_size,
+        "mask_format": args.mask_format,
         "limit": args.limit,
         "samples_per_shard": None if args.shard_size_mb else args.samples_per_shard,
         "shard_size_mb": args.shard_size_mb,
@@ -222,6 +227,7 @@ def write_split(
     with ShardWriter(
         args.out, args.split, dataset=dataset, classes=classes, palette=palette, ignore_index=ignore_index,
         samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb, source=source, options=options,
+        mask_format=args.mask_format,
     ) as writer:
         # disable=None: a bar on a terminal, nothing in a log file or a pipe.
         with tqdm(total=len(pairs), desc=f"{dataset} {args.split}", unit="img", disable=None) as bar:

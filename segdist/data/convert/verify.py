@@ -3,7 +3,7 @@
 Always: every listed shard exists, its sha256 matches the manifest (a flipped byte or a truncated
 copy shows up here), and no unlisted shard of the split lies beside them (a reader globbing
 `<split>-*.tar` would pick it up). With `--deep`: every shard is read with `tarfile` and every
-sample decoded — each has an RGB image (`image.png`/`image.jpg`/`image.npy`) and a mask (`mask.png`) of the same
+sample decoded — each has an RGB image (`image.png`/`image.jpg`/`image.npy`) and a mask (`mask.png`/`mask.npy`) of the same
 size, mask values are classes or the ignore index, sample counts per shard and keys are as the
 manifest says, and the per-class pixel totals add up to the manifest's (eval relies on them).
 The first problem is a `UserError` naming the shard and, where there is one, the sample key.
@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from segdist.data.manifest import FORMAT, Manifest, load_manifest, manifest_path, sha256_file
-from segdist.data.sample import IMAGE_KINDS, MASK_KIND, META_KIND, decode_raw, label_counts, read_members, split_member
+from segdist.data.sample import (IMAGE_KINDS, MASK_KIND, MASK_KINDS, META_KIND, decode_raw, label_counts, read_members,
+                                 split_member)
 from segdist.errors import UserError
 
 
@@ -107,8 +108,10 @@ def check_sample(path: Path, key: str, files: dict[str, bytes], manifest: Manife
     """Decode one sample and return its per-class pixel counts."""
     where = f"shard {path} sample {key}"
     kinds = [k for k in files if k in IMAGE_KINDS]
-    if len(kinds) != 1 or MASK_KIND not in files:
-        raise UserError(f"{where}: needs one image.png, image.jpg or image.npy and a mask.png, has {sorted(files)}")
+    masks = [k for k in files if k in MASK_KINDS]
+    if len(kinds) != 1 or len(masks) != 1:
+        raise UserError(f"{where}: needs one image.png, image.jpg or image.npy and one mask.png or mask.npy, "
+                        f"has {sorted(files)}")
     if IMAGE_KINDS[kinds[0]] == "NPY":
         pixels = decode_raw(files[kinds[0]])
         if pixels is None:
@@ -119,13 +122,19 @@ def check_sample(path: Path, key: str, files: dict[str, bytes], manifest: Manife
         if image.format != IMAGE_KINDS[kinds[0]] or image.mode != "RGB":
             raise UserError(f"{where}: {kinds[0]} is a {image.format} {image.mode} image, expected {IMAGE_KINDS[kinds[0]]} RGB")
         size = image.size
-    mask_img = _decode(files[MASK_KIND], where, "mask.png")
-    if mask_img.format != "PNG" or mask_img.mode not in ("L", "I;16", "I"):
-        raise UserError(f"{where}: mask.png is {mask_img.format} mode {mask_img.mode}, expected an 8/16-bit gray PNG")
-    if mask_img.size != size:
-        raise UserError(f"{where}: mask is {mask_img.size[0]}x{mask_img.size[1]} but image is {size[0]}x{size[1]}")
+    if masks[0] == MASK_KIND:
+        mask_img = _decode(files[MASK_KIND], where, MASK_KIND)
+        if mask_img.format != "PNG" or mask_img.mode not in ("L", "I;16", "I"):
+            raise UserError(f"{where}: mask.png is {mask_img.format} mode {mask_img.mode}, expected an 8/16-bit gray PNG")
+        mask = np.asarray(mask_img)
+    else:
+        mask = decode_raw(files[masks[0]], image=False)
+        if mask is None:
+            raise UserError(f"{where}: {masks[0]} is not an HxW uint8/uint16 array whose bytes match its recorded shape")
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise UserError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image is {size[0]}x{size[1]}")
     n, ignore = manifest.num_classes, manifest.ignore_index
-    counts, bad = label_counts(np.asarray(mask_img).astype(np.int64), n, ignore)
+    counts, bad = label_counts(mask.astype(np.int64), n, ignore)
     if bad is not None:
         raise UserError(f"{where}: mask holds {bad}, but there are {n} classes and ignore is {ignore}")
     if META_KIND in files:

@@ -93,3 +93,16 @@ def test_raw_masks_decode_only_when_their_bytes_match_the_recorded_shape():
     sample = {"__key__": "k", "__url__": "s.tar", "image.npy": encode_raw(np.zeros((5, 7, 3), np.uint8)), "mask.npy": data + b"\0"}
     with pytest.raises(CorruptSample, match="sample k in s.tar has a mask that does not decode"):
         decode_sample(sample, 3, 255)
+
+
+def test_stray_label_finds_what_label_counts_finds():
+    from segdist.data.sample import stray_label
+
+    rng = np.random.default_rng(1)
+    for dtype, classes, ignore in ((np.uint8, 4, 255), (np.uint8, 21, 0), (np.uint16, 300, 1000)):
+        for extra in (None, classes, classes + 7):
+            mask = rng.integers(0, classes, (37, 53)).astype(dtype)
+            mask[:3] = ignore
+            if extra is not None:
+                mask[5, 7] = extra
+            assert stray_label(mask, classes, ignore) == label_counts(mask, classes, ignore)[1] == extra

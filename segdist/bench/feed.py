@@ -157,7 +157,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
     from segdist.data.augment import seed_pipeline
     from segdist.data.manifest import load_manifest
-    from segdist.data.sample import IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, label_counts, read_shard
+    from segdist.data.sample import IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, read_shard, stray_label
     from segdist.data.stream import mask_tensor
 
     manifest = load_manifest(split, "train")
@@ -177,7 +177,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             image = decode_image(next(raw[k] for k in IMAGE_KINDS if k in raw))
             t1 = time.perf_counter()
             mask = decode_mask(next(raw[k] for k in MASK_KINDS if k in raw))
-            label_counts(mask, classes, manifest.ignore_index)
+            stray_label(mask, classes, manifest.ignore_index)
             t2 = time.perf_counter()
             seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))
             out = transform(image=image, mask=mask)

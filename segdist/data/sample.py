@@ -211,6 +211,18 @@ def label_counts(mask: np.ndarray, num_classes: int, ignore_index: int) -> tuple
     return counts[:num_classes], (int(bad[0]) if bad.size else None)
 
 
+def stray_label(mask: np.ndarray, num_classes: int, ignore_index: int) -> int | None:
+    """The smallest label of `mask` that is neither a class nor the ignore index, or None: the check
+    every training sample passes. Only which labels occur matters here, so 8-bit masks take cv2's
+    histogram (float32 counts, but a label that occurs never counts 0; 4x faster than `bincount`
+    at 375x500); `label_counts` gives exact counts where they are kept (the manifest, verify)."""
+    if mask.dtype != np.uint8:
+        return label_counts(mask, num_classes, ignore_index)[1]
+    present = np.flatnonzero(cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel())
+    bad = present[(present >= num_classes) & (present != ignore_index)]
+    return int(bad[0]) if bad.size else None
+
+
 def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[str, np.ndarray, np.ndarray]:
     """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
 
@@ -233,7 +245,7 @@ def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[st
         raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
     if image.shape[:2] != mask.shape:
         raise UserError(f"sample {key} in {url}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
-    _, bad = label_counts(mask, num_classes, ignore_index)
+    bad = stray_label(mask, num_classes, ignore_index)
     if bad is not None:
         raise UserError(
             f"sample {key} in {url}: mask label {bad} is not below "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from segdist.checkpoint import latest_checkpoint, restore
-from segdist.data.augment import build_augment, build_colour
+from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
@@ -166,6 +166,8 @@ class Parts:
     """The CPU augmentation pipeline (geometry) the loader runs."""
     colour: object
     """The preset's colour jitter (segdist.data.colour.ColourJitter), applied on the device; None if off."""
+    reduce_for: object
+    """The preset's first shrink as a JPEG decode reduction (segdist.data.augment.DecodeReduction), or None."""
     state: TrainState
     """The trainer's counters (from the checkpoint when resuming)."""
     ema: ModelEMA | None = None
@@ -188,13 +190,14 @@ def build_parts(r: Recipe, setup: Setup) -> Parts:
     scheduler = build_scheduler(optimizer, r.schedule, r.train.steps)
     transform = build_augment(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
     colour = build_colour(r.data.augment, r.data.augment_args)
+    reduce_for = decode_reduction(r.data.augment, tuple(r.data.crop), r.data.augment_args)
     state = TrainState()
     if setup.resume_from is not None:
         # Before the process group forms, so a checkpoint that does not fit is one line (the scaler,
         # which exists only with the Accelerator, is restored by the Trainer).
         pieces = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": state}
         restore(setup.resume_from, {**pieces, **({"ema": ema} if ema is not None else {})})
-    return Parts(model, loss_fn, optimizer, scheduler, transform, colour, state, ema)
+    return Parts(model, loss_fn, optimizer, scheduler, transform, colour, reduce_for, state, ema)
 
 
 def train(recipe: Recipe, resume: str = "no") -> dict | None:

@@ -124,7 +124,7 @@ class Trainer:
         # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.optimizer)
         self.scheduler, self.loss_fn, self.ema, self.transform = parts.scheduler, parts.loss_fn, parts.ema, parts.transform
-        self.colour = parts.colour
+        self.colour, self.reduce_for = parts.colour, parts.reduce_for
         self.scaler = accelerator.scaler  # Accelerate's GradScaler under fp16, else None
         self.pieces = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                        "trainer": self.state}
@@ -238,7 +238,8 @@ class Trainer:
         manifest = setup.train_manifest
         stream = TrainStream(
             manifest.sources(), rank=accelerator.process_index, world=accelerator.num_processes,
-            seed=r.train.seed, transform=self.transform, colour=self.colour, num_classes=manifest.num_classes,
+            seed=r.train.seed, transform=self.transform, colour=self.colour, reduce_for=self.reduce_for,
+            num_classes=manifest.num_classes,
             ignore_index=manifest.ignore_index, shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
             start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
             **({} if setup.draws is None else {"probabilities": setup.draws[0], "offsets": setup.draws[1]}),

@@ -134,3 +134,16 @@ def test_colour_jitter_runs_on_the_device_not_in_the_cpu_pipeline():
     assert build_colour("voc", {"jitter": 0.4, "hue": 0.2, "p_jitter": 0.8}) == ColourJitter(0.4, 0.4, 0.4, 0.2, 0.8)
     assert build_colour("cityscapes", {"jitter": 0.0, "hue": 0.0}) is None
     assert build_colour("voc", {"p_jitter": 0.0}) is None and build_colour("crop") is None and build_colour("ph2") is None
+
+
+def test_decode_reduction_is_the_presets_first_shrink_as_a_power_of_two():
+    from segdist.data.augment import decode_reduction
+
+    city = decode_reduction("cityscapes", (128, 256), {"longest": 256})
+    assert city(1024, 2048) == 8 and city(512, 1024) == 4 and city(300, 500) == 1
+    assert decode_reduction("cityscapes", (512, 1024)) is None  # scale jitter first: no fixed shrink
+    assert decode_reduction("voc", (512, 512)) is None and decode_reduction("shapes", (64, 64)) is None
+    fit = decode_reduction("birds", (256, 256), {"keep_aspect": True})
+    assert fit(375, 500) == 1 and fit(1024, 1536) == 4  # fitted: the longer side's shrink
+    stretch = decode_reduction("ph2", (256, 256), {"keep_aspect": False})
+    assert stretch(560, 768) == 2 and stretch(600, 2400) == 2  # stretched: the gentler side's shrink

@@ -8,6 +8,7 @@ import pytest
 
 from segdist.data.sample import (ShardError, label_counts, make_sample, member_name, pad_image, padded_size,
                                  read_members, read_shard, split_member, to_uint8)
+from segdist.errors import UserError
 
 
 def test_member_names_follow_webdatasets_rule():
@@ -106,3 +107,25 @@ def test_stray_label_finds_what_label_counts_finds():
             if extra is not None:
                 mask[5, 7] = extra
             assert stray_label(mask, classes, ignore) == label_counts(mask, classes, ignore)[1] == extra
+
+
+def test_jpegs_decode_reduced_for_training_with_their_masks_shrunk_to_match():
+    from segdist.data.sample import decode_image, decode_sample
+    from segdist.data.shards import encode_jpeg, encode_png
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (100, 203, 3), dtype=np.uint8)
+    mask = np.repeat(np.arange(203, dtype=np.uint8)[None] % 3, 100, axis=0)
+    jpeg = encode_jpeg(image, 90)
+    for k in (2, 4, 8):
+        assert decode_image(jpeg, k).shape == (-(-100 // k), -(-203 // k), 3)
+    assert decode_image(encode_png(image), 4).shape == image.shape  # only JPEG decodes reduced
+    sample = {"__key__": "k", "__url__": "s.tar", "image.jpg": jpeg, "mask.png": encode_png(mask)}
+    _, small, small_mask = decode_sample(sample, 3, 255, reduce_for=lambda h, w: 4)
+    assert small.shape[:2] == small_mask.shape == (25, 51)
+    assert set(np.unique(small_mask)) <= {0, 1, 2}
+    _, full, full_mask = decode_sample(sample, 3, 255)
+    assert full.shape[:2] == full_mask.shape == (100, 203)
+    bad = dict(sample, **{"mask.png": encode_png(mask[:, :200])})  # the size check sees the full frame
+    with pytest.raises(UserError, match=r"image \(100, 203\) and mask \(100, 200\) differ"):
+        decode_sample(bad, 3, 255, reduce_for=lambda h, w: 4)

@@ -235,3 +235,36 @@ def test_pad_collate_keeps_masks_small_and_pads_with_the_ignore_index():
     assert masks.dtype == torch.int32 and int(masks[1, 0, 0]) == 300 and int(masks[0, 0, 0]) == 1
     _, _, masks, _ = pad_collate(1000, multiple=8)([("a", image, small)])
     assert masks.dtype == torch.int32 and int(masks[0, 7, 7]) == 1000
+
+
+def test_jpeg_frames_decode_reduced_for_a_preset_that_shrinks_them_first(tmp_path):
+    """cityscapes with longest = 64 on 128x256 JPEG frames: decoded at 1/4 (32x64), the same crops as a
+    full decode then LongestMaxSize, up to the scaled IDCT's rounding; evaluation reads full frames."""
+    from segdist.bench.data import make_frame
+    from segdist.data.augment import decode_reduction
+    from segdist.data.shards import ShardWriter, encode_jpeg
+
+    with ShardWriter(tmp_path, "train", dataset="t", classes=[f"c{i}" for i in range(8)], palette=[[0, 0, 0]] * 8,
+                     samples_per_shard=4) as writer:
+        for i in range(6):
+            image, mask = make_frame(i, 128, 256)
+            writer.write(f"f{i}", encode_jpeg(image, 90), "jpg", mask)
+        writer.close()
+    manifest = load_manifest(tmp_path, "train")
+    args = {"scale": [1.0, 1.0], "longest": 64, "p_flip": 0.0, "p_jitter": 0.0}
+    reduce_for = decode_reduction("cityscapes", (32, 64), args)
+    assert reduce_for(128, 256) == 4
+
+    def stream(reduce):
+        return TrainStream(manifest.shard_paths(), rank=0, world=1, seed=0,
+                           transform=build_augment("cityscapes", (32, 64), 255, args), num_classes=8, ignore_index=255,
+                           shuffle_buffer=0, batch_size=3, reduce_for=reduce)
+
+    reduced, full = take(stream(reduce_for), 0, 2), take(stream(None), 0, 2)
+    for (a, am), (b, bm) in zip(reduced, full):
+        assert a.shape == b.shape == (3, 32, 64, 3) and am.shape == bm.shape == (3, 32, 64)
+        assert (a.float() - b.float()).abs().mean() < 12  # the same pictures, differently rounded
+        assert (am == bm).float().mean() > 0.8  # the same labels, but where nearest picks a neighbour
+    keys = [key for key, image, _ in EvalStream(manifest.shard_paths(), rank=0, world=1, num_classes=8, ignore_index=255)
+            if image.shape == (128, 256, 3)]
+    assert len(keys) == 6

@@ -5,9 +5,11 @@ input path — read the shard (tar), decode the image, decode the mask and check
 (`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
 it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
 recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
-`--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device. Beside it, in the same run and on
+`--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device, JPEGs decoded
+reduced where the preset shrinks them first. Beside it, in the same run and on
 the same frames, the input path before: full-size frames in the source's own format
-(`--image-format keep`), colour jitter run on the CPU in the pipeline (albumentations' ColorJitter).
+(`--image-format keep`), decoded whole, colour jitter run on the CPU in the pipeline (albumentations'
+ColorJitter).
 
 The GPU side is arithmetic, not a measurement: the model's training FLOPs per sample at the crop
 (`torch.utils.flop_counter`; on the meta device, or on a real CPU copy for models that cannot run
@@ -155,13 +157,17 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
     split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
-    from segdist.data.augment import seed_pipeline
+    from segdist.data.augment import decode_reduction, seed_pipeline
     from segdist.data.manifest import load_manifest
-    from segdist.data.sample import IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, read_shard, stray_label
+    from segdist.data.sample import (IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, image_size, is_jpeg, read_shard,
+                                     stray_label)
     from segdist.data.stream import mask_tensor
 
     manifest = load_manifest(split, "train")
     transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
+    # The JPEG decode reduction came with the colour jitter's move: "before" decodes full frames.
+    reduce_for = None if colour_on_cpu else decode_reduction(recipe.data.augment, tuple(recipe.data.crop),
+                                                              recipe.data.augment_args)
     classes = manifest.num_classes
     batch = recipe.data.batch_size
     best = {s: float("inf") for s in STAGES}
@@ -174,10 +180,14 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
         items = []
         for n, raw in enumerate(raws):
             t0 = time.perf_counter()
-            image = decode_image(next(raw[k] for k in IMAGE_KINDS if k in raw))
+            data = next(raw[k] for k in IMAGE_KINDS if k in raw)
+            reduce = reduce_for(*image_size(data)) if reduce_for is not None and is_jpeg(data) else 1
+            image = decode_image(data, reduce)
             t1 = time.perf_counter()
             mask = decode_mask(next(raw[k] for k in MASK_KINDS if k in raw))
             stray_label(mask, classes, manifest.ignore_index)
+            if reduce > 1:
+                mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
             t2 = time.perf_counter()
             seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))
             out = transform(image=image, mask=mask)

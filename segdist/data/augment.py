@@ -31,6 +31,7 @@ Seeding: `seed_pipeline(pipeline, seed)` gives each transform its own random str
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cv2
@@ -242,6 +243,39 @@ def build_colour(name: str, args: dict | None = None) -> ColourJitter | None:
     """The preset's colour jitter, applied on the device; None when it has none or it is off."""
     colour = _build(name, (8, 8), 255, args)[1]
     return colour if colour is not None and colour.active else None
+
+
+@dataclass(frozen=True)
+class DecodeReduction:
+    """How much a preset shrinks a frame before anything else, as the JPEG decode reduction that
+    allows (segdist.data.sample.decode_sample's `reduce_for`): the largest of 1, 2, 4, 8 that is not
+    more than the shrink, so the reduced frame is never smaller than what the preset makes of it.
+    Training only: evaluation always decodes full frames."""
+
+    longest: int = 0
+    """The frame's longest side is resized to this first (the cityscapes preset's `longest`)."""
+    fit: tuple[int, int] | None = None
+    """The whole frame is resized to this crop first (ph2, birds), keeping its aspect or stretched."""
+    keep_aspect: bool = True
+
+    def __call__(self, height: int, width: int) -> int:
+        if self.longest:
+            shrink = max(height, width) / self.longest
+        elif self.keep_aspect:  # fitted inside the crop: the tighter side decides
+            shrink = max(height / self.fit[0], width / self.fit[1])
+        else:  # stretched: each side on its own; the gentler shrink bounds both
+            shrink = min(height / self.fit[0], width / self.fit[1])
+        return max(k for k in (1, 2, 4, 8) if k <= shrink)
+
+
+def decode_reduction(name: str, crop: tuple[int, int], args: dict | None = None) -> DecodeReduction | None:
+    """The preset's first shrink (see DecodeReduction); None for presets that crop or zoom first."""
+    kwargs = {**preset_params(name), **check_augment(name, args or {})}
+    if name == "cityscapes":
+        return DecodeReduction(longest=kwargs["longest"]) if kwargs["longest"] else None
+    if name in ("ph2", "birds"):
+        return DecodeReduction(fit=tuple(crop), keep_aspect=kwargs["keep_aspect"])
+    return None
 
 
 def seed_pipeline(pipeline, seed: int) -> None:

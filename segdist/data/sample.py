@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -192,14 +192,37 @@ def decode_mask(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))  # writable, for torch
 
 
-def decode_image(data: bytes) -> np.ndarray | None:
-    """HxWx3 uint8 RGB pixels of stored image bytes (PNG, JPEG or raw `.npy`), or None if they do not decode."""
+REDUCTIONS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+"""JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT (libjpeg's scaled IDCT): less work, and a smaller
+frame for what follows; the result is ceil(H / k) x ceil(W / k)."""
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:2] == b"\xff\xd8"
+
+
+def decode_image(data: bytes, reduce: int = 1) -> np.ndarray | None:
+    """HxWx3 uint8 RGB pixels of stored image bytes (PNG, JPEG or raw `.npy`), or None if they do not
+    decode. `reduce` (2, 4 or 8) decodes a JPEG at that fraction of its size; other kinds ignore it."""
     if data[:6] == _NPY_MAGIC:
         return decode_raw(data)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+    flags = _CV2_FLAGS
+    if reduce > 1 and is_jpeg(data):
+        flags = (REDUCTIONS[reduce] & ~cv2.IMREAD_COLOR) | (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB)
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is not None and _CV2_RGB is None:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header alone (no decode), None when it cannot be read."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - the decode that follows names the damage
+        return None
+    return height, width
 
 
 def label_counts(mask: np.ndarray, num_classes: int, ignore_index: int) -> tuple[np.ndarray, int | None]:
@@ -223,18 +246,26 @@ def stray_label(mask: np.ndarray, num_classes: int, ignore_index: int) -> int | 
     return int(bad[0]) if bad.size else None
 
 
-def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[str, np.ndarray, np.ndarray]:
+def decode_sample(sample: dict, num_classes: int, ignore_index: int,
+                  reduce_for: Callable[[int, int], int] | None = None) -> tuple[str, np.ndarray, np.ndarray]:
     """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
 
     Missing or undecodable bytes raise `CorruptSample`; a mask of another size than its image, or
     with a value that is neither a class nor the ignore index, raises `UserError`. All name the key.
+    `reduce_for(height, width)` (training only: the factor the preset shrinks a frame of that size by
+    first, as a power of two, segdist.data.augment.decode_reduction) decodes a JPEG image at that
+    fraction; its mask, checked at full size, is then shrunk to the image with nearest neighbour.
     """
     key, url = sample["__key__"], sample.get("__url__")
     image_bytes = next((sample[kind] for kind in IMAGE_KINDS if kind in sample), None)
     mask_bytes = next((sample[kind] for kind in MASK_KINDS if kind in sample), None)
     if image_bytes is None or mask_bytes is None:
         raise CorruptSample(key, url, "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png/mask.npy)")
-    image = decode_image(image_bytes)
+    reduce = 1
+    if reduce_for is not None and is_jpeg(image_bytes):
+        size = image_size(image_bytes)
+        reduce = reduce_for(*size) if size is not None else 1
+    image = decode_image(image_bytes, reduce)
     if image is None:
         raise CorruptSample(key, url, "has an image that does not decode")
     try:
@@ -243,14 +274,17 @@ def decode_sample(sample: dict, num_classes: int, ignore_index: int) -> tuple[st
         raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
     if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
         raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
-    if image.shape[:2] != mask.shape:
-        raise UserError(f"sample {key} in {url}: image {image.shape[:2]} and mask {mask.shape} differ in size; re-run the conversion")
+    full = image.shape[:2] if reduce == 1 else size
+    if full != mask.shape:
+        raise UserError(f"sample {key} in {url}: image {full} and mask {mask.shape} differ in size; re-run the conversion")
     bad = stray_label(mask, num_classes, ignore_index)
     if bad is not None:
         raise UserError(
             f"sample {key} in {url}: mask label {bad} is not below "
             f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
         )
+    if reduce > 1:  # the grid INTER_AREA / INTER_LINEAR use, as everywhere masks are resized
+        mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
     return key, image, mask
 
 

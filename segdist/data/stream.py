@@ -12,7 +12,8 @@ a slot is augmented with a generator seeded by (seed, rank, worker, n). The stre
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
 produced, before decoding them. A preset's colour jitter is not applied here: sample n draws its
 factors from (seed, rank, worker, n, 3) and the batch carries them as a third tensor (N x 4), which
-the trainer applies on the device (segdist.data.colour). With rare-class sampling (segdist.data.sampling) a pass yields
+the trainer applies on the device (segdist.data.colour). A preset that shrinks frames first
+(segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their size. With rare-class sampling (segdist.data.sampling) a pass yields
 each sample as often as that pass's draw, seeded by (seed, p), says: the same on every rank.
 
 A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
@@ -140,6 +141,7 @@ class TrainStream(IterableDataset):
         probabilities: np.ndarray | None = None,
         offsets: list[int] | None = None,
         colour: ColourJitter | None = None,
+        reduce_for: Callable[[int, int], int] | None = None,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -147,6 +149,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world, self.seed = rank, world, seed
         self.transform = transform
         self.colour = colour  # factors drawn here, applied on the device
+        self.reduce_for = reduce_for  # JPEGs decoded at the scale the preset shrinks them to first
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
@@ -227,7 +230,7 @@ class TrainStream(IterableDataset):
             if n < skip:
                 continue  # resuming: already consumed before the checkpoint; not decoded
             try:
-                _, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
+                _, image, mask = decode_sample(sample, self.num_classes, self.ignore_index, self.reduce_for)
             except CorruptSample as exc:
                 if skips is None:
                     raise

@@ -10,7 +10,7 @@ endif
 LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
 
-.PHONY: demo test data venv clean-demo
+.PHONY: demo test test-fast docs data venv clean-demo
 
 venv: $(VENV)/.installed
 
@@ -33,7 +33,18 @@ $(DATA)/val.json: | $(VENV)/.installed
 demo: data
 	HF_HUB_OFFLINE=1 $(LAUNCH) launch/train.py recipes/shapes_unet.toml --set train.run_dir=$(RUN)
 	HF_HUB_OFFLINE=1 $(LAUNCH) launch/eval.py recipes/shapes_unet.toml --checkpoint $(RUN) \
-		--out $(RUN)/metrics/final.json
+		--out $(RUN)/metrics/final.json --report $(RUN)/report
+	@echo
+	@echo "Next: the run's curves, images and per-class IoU:  $(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard"
+	@echo "      its evaluation report (per-class table, confusion figure):  $(RUN)/report/"
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The tests not marked slow (those that train or launch several processes are): a quicker loop.
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The user guides (docs/, mkdocs.yml) at http://127.0.0.1:8000, rebuilt on every save.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

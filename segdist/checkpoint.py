@@ -3,7 +3,7 @@
 All ranks write into a temporary folder (rank 0 the shared files, each rank its RNG state), a
 barrier waits for every rank, then rank 0 writes the marker (which lists every file's size) and
 renames the folder into place with `os.replace`. A crash at any point leaves either the previous
-checkpoint or a temporary folder that resume never reads (FACTS: `save_state` alone is not
+checkpoint or a temporary folder that resume never reads (docs/design-notes.md: `save_state` alone is not
 atomic). Everything loads with `weights_only=True` or from safetensors: no pickle execution.
 """
 

@@ -1,7 +1,7 @@
 """The one place that reads the rank and world size (`launch_context`) and the one place an
 Accelerator is made, so CPU runs really form a gloo process group.
 
-FACTS: under `accelerate launch --multi_gpu` or `torchrun` on a CPU-only machine, a plain
+As measured (docs/design-notes.md): under `accelerate launch --multi_gpu` or `torchrun` on a CPU-only machine, a plain
 `Accelerator()` reports DistributedType.NO in every process (independent runs, silently);
 `Accelerator(cpu=True)` gives MULTI_CPU over gloo. The same code on GPUs gives NCCL DDP.
 """
@@ -52,7 +52,7 @@ def launch_context() -> DistContext:
 
 
 def set_threads() -> None:
-    """One share of the cores per local process, or the ranks fight over them (FACTS)."""
+    """One share of the cores per local process, or the ranks fight over them (docs/design-notes.md)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(), 1)))
@@ -156,7 +156,7 @@ def free_port() -> int:
 
 def launch_command(script: str, args: list[str], nproc: int) -> list[str]:
     """argv that runs the Python file `script` with `nproc` real processes on this node: the
-    interpreter itself for one, `accelerate launch --multi_gpu` for several (FACTS: `--cpu` would
+    interpreter itself for one, `accelerate launch --multi_gpu` for several (docs/design-notes.md: `--cpu` would
     start one), which forms a gloo group on CPUs and NCCL on GPUs. Benches and tests use it."""
     if nproc == 1:
         return [sys.executable, script, *args]

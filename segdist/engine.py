@@ -3,7 +3,7 @@
 
 `train(recipe, resume)` is what `launch/train.py` calls. Every rank takes exactly
 `steps x grad_accum` micro-batches from an endless stream, so the ranks stay in lockstep and DDP
-never pairs gradients of different steps (FACTS: a stream that runs dry on one rank first
+never pairs gradients of different steps (docs/design-notes.md: a stream that runs dry on one rank first
 silently corrupts gradients, then hangs).
 
 Faults: SIGTERM/SIGUSR1 end the run after a step all ranks agree on, with a checkpoint (exit 0;
@@ -80,8 +80,8 @@ RESUME_MODES = ("no", "must", "auto")
 
 
 def check_run(recipe: Recipe, resume: str = "no") -> Setup:
-    """Fail on user errors with one line, before any process group exists (FACTS) and before
-    anything is written (GUIDE: no partial output). `resume`: "no" (refuse a folder holding
+    """Fail on user errors with one line, before any process group exists (docs/design-notes.md) and before
+    anything is written (no partial output). `resume`: "no" (refuse a folder holding
     checkpoints), "must" (error without one) or "auto" (resume if there is one, else start)."""
     assert resume in RESUME_MODES, resume
     train_m = load_split(recipe.data, recipe.data.train_split)

@@ -1,7 +1,7 @@
 """Exact segmentation metrics from an int64 confusion matrix.
 
 Each rank counts its own pixels on its device with an int64 `bincount` (CPU) or `scatter_add_`
-(CUDA, where it costs no host sync); never float histograms (FACTS: float32 bins stop counting at
+(CUDA, where it costs no host sync); never float histograms (docs/design-notes.md: float32 bins stop counting at
 2^24); the ignore index excluded. ONE all-reduce sums the matrices
 after the loop, so the result equals a single process's count bit for bit whatever the world size.
 """

@@ -118,7 +118,7 @@ class RecipeLR(LambdaLR):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LambdaLR:
     """Stepped once per optimizer step by the engine (never prepared: a prepared scheduler steps
-    once per process, FACTS). `optimizer.defaults["lr"]` is optim.lr (build_optimizer's default)."""
+    once per process, docs/design-notes.md). `optimizer.defaults["lr"]` is optim.lr (build_optimizer's default)."""
     if cfg.name not in SCHEDULES:
         raise UserError(f"schedule.name: unknown schedule {cfg.name!r}; valid names: {', '.join(SCHEDULES)}")
     if cfg.name == "onecycle" and not 2 <= cfg.warmup_steps < total_steps:

@@ -2,7 +2,7 @@
 
 "auto" (the default) picks what the device runs natively, because a precision it emulates is not
 a saving but a loss: on an AVX2-only AMD EPYC the demo UNet's step took 4191 ms under bf16
-autocast against 233 ms in fp32 (FACTS), and V100 / T4 cards have no bf16 tensor cores.
+autocast against 233 ms in fp32 (docs/design-notes.md), and V100 / T4 cards have no bf16 tensor cores.
 
 - bf16 where it is native: CUDA with compute capability >= 8.0 (A100, H100, RTX 30xx/40xx, L4 …),
   or a CPU with AMX or AVX512-BF16;
@@ -11,7 +11,7 @@ autocast against 233 ms in fp32 (FACTS), and V100 / T4 cards have no bf16 tensor
 - fp32 everywhere else.
 
 An explicit "bf16" runs wherever asked (autocast emulates it), with a warning where it is not
-native; "fp16" is CUDA-only: on a CPU Accelerate would silently run fp32 (FACTS), so it is an error.
+native; "fp16" is CUDA-only: on a CPU Accelerate would silently run fp32 (docs/design-notes.md), so it is an error.
 The decision is a pure function of a `Hardware` description, so every device is testable as data.
 """
 

@@ -121,7 +121,7 @@ class Trainer:
         self.state.layout = {"world_size": accelerator.num_processes, "num_workers": self.num_workers,
                              "precision": self.precision.name, "precision_reason": self.precision.reason}
         _check_ranks_agree(accelerator, self.state.step)
-        # The scheduler is deliberately not prepared: a prepared one steps once per process (FACTS).
+        # The scheduler is deliberately not prepared: a prepared one steps once per process (docs/design-notes.md).
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.optimizer)
         self.scheduler, self.loss_fn, self.ema, self.transform = parts.scheduler, parts.loss_fn, parts.ema, parts.transform
         self.colour, self.reduce_for = parts.colour, parts.reduce_for

@@ -1,5 +1,5 @@
 """A corpus of bad inputs, each run through the real entry points as a plain `python` process
-(FACTS: user errors are checked before any process group forms). Every one must end with exit code
+(docs/design-notes.md: user errors are checked before any process group forms). Every one must end with exit code
 2, exactly one stderr line that starts with "error:" and names the culprit, no traceback, and no
 partial output (a run folder the failed run would have created, an --out file; a run folder that
 existed is left as it was).
@@ -202,7 +202,7 @@ def pretrained_weights_offline(c: Ctx) -> Case:
 
 @case
 def fp16_on_a_cpu(c: Ctx) -> Case:
-    # Accelerate would silently train fp32 here (FACTS); on a GPU machine fp16 is valid.
+    # Accelerate would silently train fp32 here (docs/design-notes.md); on a GPU machine fp16 is valid.
     if torch.cuda.is_available():
         return Case(train(c.recipe(), "--set", "train.precision=\"fp61\""), ("train.precision", "fp61"), absent=(c.run,))
     return Case(train(c.recipe(), "--set", "train.precision=\"fp16\""), ("train.precision = \"fp16\"", "CUDA", "auto"),

@@ -250,7 +250,7 @@ def test_bad_inputs_fail_before_anything_is_written(binary_run, images, tmp_path
     # Two ranks: the corrupt file is rank 1's to decode; rank 0 must not write its own share either.
     result = launch("predict.py", [str(recipe), "--checkpoint", str(run), str(images["gray"]), str(corrupt),
                                    "--out", str(out)], nproc=2)
-    # FACTS: under torchrun the launcher exits 1 and adds its own box; the script's line comes once.
+    # Measured (docs/design-notes.md): under torchrun the launcher exits 1 and adds its own box; the script's line comes once.
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(corrupt) in errors[0], result.stderr[-2000:]

@@ -40,7 +40,7 @@ def test_labels_of_any_integer_dtype_count_the_same(dtype):
 
 
 def test_counts_past_float32_precision():
-    # 2^24 + 1 pixels of one class: float32 histograms lose the last one (FACTS).
+    # 2^24 + 1 pixels of one class: float32 histograms lose the last one (docs/design-notes.md).
     cm = ConfusionMatrix(2, 255)
     target = torch.zeros(2**24 + 1, dtype=torch.int64)
     cm.update(target, target)

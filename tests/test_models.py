@@ -233,7 +233,7 @@ def test_scale_options():
                           "cpu", 2)
     conv = model.encoder.stem[0][0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())  # gloo cannot (FACTS)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())  # gloo cannot (docs/design-notes.md)
     synced = prepare_model(build_model(cfg, 2), ModelConfig(arch="unet", encoder=None, sync_bn=True), "cuda", 2)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) and list(synced.state_dict()) == keys
     single = prepare_model(build_model(cfg, 2), ModelConfig(arch="unet", encoder=None, sync_bn=True), "cuda", 1)

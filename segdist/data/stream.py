@@ -2,7 +2,7 @@
 
 Both split the shards over "slots" = (rank, DataLoader worker): with S = world x workers slots,
 slot s reads shards[s::S] when there are at least S shards, else it reads every shard and keeps
-every S-th sample. The loaders are NOT passed to `accelerator.prepare` (FACTS: it would dispatch
+every S-th sample. The loaders are NOT passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch
 or re-split the stream); batches are moved to the device by the engine.
 
 Training: each slot loops over passes forever (lockstep comes from the engine taking exactly

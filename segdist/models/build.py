@@ -220,7 +220,7 @@ def check_batch_norms_train(cfg: ModelConfig, classes: int, crop: tuple[int, int
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, device_type: str, world_size: int) -> nn.Module:
     """Apply the scale options before the model is wrapped for DDP: SyncBatchNorm (only on CUDA with
-    more than one process — FACTS: gloo cannot construct DDP over it), channels-last memory format,
+    more than one process — docs/design-notes.md: gloo cannot construct DDP over it), channels-last memory format,
     and in-place torch.compile (the module and its state_dict keys stay as they are)."""
     if cfg.sync_bn and device_type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

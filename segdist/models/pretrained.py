@@ -1,6 +1,6 @@
 """Pretrained encoder weights: by name from the Hugging Face hub (or its local cache), or from a file.
 
-Offline, smp and timm retry the hub with back-off before they give up (FACTS: ~26 s and ~49 s).
+Offline, smp and timm retry the hub with back-off before they give up (docs/design-notes.md: ~26 s and ~49 s).
 `hub_access()` asks the hub once, with a short timeout, whether it answers at all; if it does not,
 the build runs in huggingface_hub's offline mode, where cached weights still load and missing ones
 fail at once — and `build_model` turns that into one line saying what to do.

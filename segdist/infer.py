@@ -1,8 +1,8 @@
-"""Prediction on image files: `launch/predict.py` and the notebook-style
+"""Prediction on image files: `launch/predict.py` and the function-style
 `predict_probabilities(model, image)`.
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
-palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as notebook 004's grayscale birds needed.
+palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as the birds assignment's grayscale images needed.
 It goes through the model one at a time, in eval mode and fp32, the way evaluation runs frames
 (segdist.inference): the recipe's `[eval]` mode (whole, slide or resize, with its scales and flip),
 or resized to `size` — the training scale — with the scores resized back to the original size
@@ -183,7 +183,7 @@ def to_probabilities(scores: torch.Tensor, mode: InferenceMode) -> np.ndarray:
 
 def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None,
                           mode: InferenceMode | None = None) -> np.ndarray:
-    """Probability map of one image at its original size, as notebook 004's `predict(model, img_path)`:
+    """Probability map of one image at its original size, as the birds assignment's `predict(model, img_path)`:
     float32 HxW (probability of the foreground) for a one-logit model, CxHxW (softmax) otherwise.
 
     `image` is a file path, a PIL image or an array; `size` (H, W) resizes it for the forward pass

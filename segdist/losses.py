@@ -105,8 +105,8 @@ class BinaryCrossEntropy(_ExactTerm):
 
 
 class StructuralSimilarity:
-    """Correlation-maximised structural similarity loss (Zhao et al., 2019), binary, as notebook 001
-    trained PH2 with it: target and (detached) prediction are standardised over each pixel's
+    """Correlation-maximised structural similarity loss (Zhao et al., 2019), binary, as the PH2 lesion
+    study trained with it: target and (detached) prediction are standardised over each pixel's
     `window` x `window` neighbourhood, e = |difference|; pixels with e > beta * max(e) (per image)
     are the hard ones, and the loss is their BCE weighted by e, summed over the micro-batch and
     divided by the number of hard pixels. Ignored pixels take no part."""

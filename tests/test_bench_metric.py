@@ -14,7 +14,7 @@ def test_metric_bench_checks_the_four_agree_and_prints_each(capsys, dtype):
     assert out[0].startswith(f"metric update: 5 classes, 2x40x60 {dtype} labels and int64 predictions, 1 thread")
     assert "CPU" in out[0]
     names = [re.match(r"(.+?)\s+[\d.]+\s+[\d.]+x$", line).group(1) for line in out[2:6]]
-    assert names == ["segdist ConfusionMatrix.update", "notebook 002 per-class numpy loop",
+    assert names == ["segdist ConfusionMatrix.update", "users' per-class numpy loop",
                      "the same loop written tightly (numpy)", "torchmetrics MulticlassJaccardIndex.update"]
     assert out[6].startswith("all four agree")
 

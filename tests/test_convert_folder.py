@@ -82,7 +82,7 @@ def test_keys_file_cuts_a_split_and_names_bad_keys(tmp_path):
     images, _ = make_ph2(tmp_path / "PH2Dataset")
     args = ph2_args(tmp_path / "PH2Dataset")
     keys = tmp_path / "test.txt"
-    keys.write_text("# notebook 001's test split\nIMD010\n\nIMD002  # first case\n")
+    keys.write_text("# the PH2 lesion study's test split\nIMD010\n\nIMD002  # first case\n")
     assert shard("folder", *args, "--keys-file", keys, "--split", "test", "--out", tmp_path / "out") == 0
     manifest, samples = read_split(tmp_path / "out", "test")
     assert sorted(samples) == ["IMD002", "IMD010"] and manifest["options"]["keys_file"] == str(keys)

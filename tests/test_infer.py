@@ -168,7 +168,7 @@ def test_binary_python_api(binary_run, images, tmp_path):
     predictor = load_predictor(recipe, run, device="cpu")
     assert predictor.binary and predictor.classes == ["background", "circle"]
     gray = rgb_of(images["gray"])
-    prob = predict_probabilities(predictor.model, images["gray"])  # notebook 004: predict(model, img_path) -> HxW
+    prob = predict_probabilities(predictor.model, images["gray"])  # the birds assignment: predict(model, img_path) -> HxW
     assert prob.shape == gray.shape[:2] and prob.dtype == np.float32
     np.testing.assert_allclose(prob, torch.sigmoid(direct_logits(model, gray))[0, 0].numpy(), atol=1e-5)
     # --size: the forward at the training scale, probabilities back at the original size.

@@ -49,7 +49,7 @@ def test_own_models_keep_any_input_size(arch, args):
 
 
 def test_encoder_decoder_differs_from_unet_only_by_skips():
-    """Notebook 004's comparison: the same layers and widths, the decoder blocks' first convolution
+    """The birds assignment's comparison: the same layers and widths, the decoder blocks' first convolution
     taking the concatenated skip (2w in) instead of w."""
     width, depth = 8, 3
     unet = build_model(own("unet", width=width, depth=depth, upsample="bilinear"), 1)
@@ -60,7 +60,7 @@ def test_encoder_decoder_differs_from_unet_only_by_skips():
 
 
 def test_unet_sizes_match_notebook_003():
-    """003 reported ~7.7M parameters for start_channels 16, depth 4: our width 32 (its first level
+    """The Cityscapes low-resolution study reported ~7.7M parameters for start_channels 16, depth 4: our width 32 (its first level
     had twice start_channels; its depth 2 / 3 runs had 120k / ~2M: width 16 / 32)."""
     assert params(build_model(own("unet", width=32, depth=4), 19)) == pytest.approx(7.7e6, rel=0.02)
     assert params(build_model(own("unet", width=32, depth=3), 19)) == pytest.approx(2.0e6, rel=0.05)

@@ -4,7 +4,7 @@ baseline measured in the same run (see BENCHMARKS.md).
 
 - data: training-input throughput, shards vs a folder of files, JPEG vs PNG;
 - feed: CPU ms per training sample of each recipe on its storage (and before it), and the cores a GPU needs;
-- metric: the confusion-matrix update vs seed notebook 002's numpy loop and torchmetrics;
+- metric: the confusion-matrix update vs our users' per-class numpy loop and torchmetrics;
 - step: segdist's train step vs a bare PyTorch (DDP) loop, at 1 and 2 processes;
 - optim: the train step under each optim.implementation (fused, foreach, for-loop);
 - scale: training samples/s of the real training path at 1 vs 2 processes;

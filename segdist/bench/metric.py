@@ -11,15 +11,15 @@ import torch
 from segdist.errors import UserError
 from segdist.precision import detect_hardware
 
-METRIC_DOC = """Confusion-matrix update: segdist's ConfusionMatrix.update against seed notebook 002's
-per-class numpy loop as the notebook wrote it (its mean_iou: per class, count predicted and true
+METRIC_DOC = """Confusion-matrix update: segdist's ConfusionMatrix.update against the
+per-class numpy loop of our users' VOC accumulation study, as they wrote it (its mean_iou: per class, count predicted and true
 pixels, then rebuild the boolean masks for the intersection and again for the union; made exact
 by masking predictions on ignored pixels), against the same loop written tightly (each mask
 built once), and against torchmetrics' MulticlassJaccardIndex.update; on the same random labels
 with an ignore band, one thread, best of --rounds interleaved rounds. The labels are uint8 by
 default, as segdist's eval loader delivers masks of up to 256 classes, and the predictions
 int64, as an argmax gives them; all read the same tensors (--label-dtype int64 for int64
-labels, as the notebook had). All must agree: the per-class intersection and union of both
+labels, as they had). All must agree: the per-class intersection and union of both
 loops and torchmetrics' matrix are checked against segdist's before any time is printed."""
 
 
@@ -36,10 +36,10 @@ def add_parser(sub) -> None:
 
 
 def notebook_loop(pred: np.ndarray, target: np.ndarray, n: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seed notebook 002's `mean_iou` loop as it was written, per class: count the predicted and
+    """The VOC accumulation study's `mean_iou` loop as it was written, per class: count the predicted and
     true pixels, skip a class absent from both, then recompute the two boolean masks for the
     intersection and again for the union. One change makes it exact: predictions on ignored
-    pixels are set to -1 first (the notebook counted them in the union). Returns the per-class
+    pixels are set to -1 first (the study counted them in the union). Returns the per-class
     intersection and union."""
     preds = np.where(target != ignore, pred, -1)
     inter, union = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -108,7 +108,7 @@ def run_metric(args: argparse.Namespace) -> int:
         np.array_equal(got, want) for loop in (numpy_loop, numpy_lean) for got, want in zip(loop(), expected))
     if not agree:
         raise RuntimeError("the confusion matrices differ")
-    runs = {"segdist ConfusionMatrix.update": ours, "notebook 002 per-class numpy loop": numpy_loop,
+    runs = {"segdist ConfusionMatrix.update": ours, "users' per-class numpy loop": numpy_loop,
             "the same loop written tightly (numpy)": numpy_lean,
             "torchmetrics MulticlassJaccardIndex.update": torchmetrics_update}
     best = {name: float("inf") for name in runs}

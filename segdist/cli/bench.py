@@ -3,7 +3,7 @@
 `data` compares training-input throughput on Cityscapes-size frames: WebDataset shards vs a
 folder of files, JPEG- vs PNG-stored shards. `feed` gives each shipped recipe's CPU ms per training
 sample on the storage its header names (and on the storage before), and the cores a GPU needs. `metric` times the confusion-matrix update against
-seed notebook 002's numpy loop and torchmetrics. `step` times segdist's train step against a bare
+the per-class numpy loop our users evaluated with and torchmetrics. `step` times segdist's train step against a bare
 PyTorch (DDP) loop at 1 and 2 processes. `scale` compares training samples/s at 1 and 2
 processes on the real training path. `eval` times evaluation in whole / slide / slide + flip
 mode and the share spent counting. `gpu` runs the CUDA checks. See BENCHMARKS.md. Each

@@ -98,9 +98,9 @@ def crop_only(crop, ignore_index):
 
 def voc(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), p_flip: float = 0.5,
         jitter: float = 0.2, hue: float = 0.1, p_jitter: float = 0.5):
-    """Pascal VOC (notebooks 000/002): the image zoomed by a factor uniform in `scale`, padded with
-    ignore to the crop where smaller, a random crop (512x512 in the notebooks), a horizontal flip,
-    colour jitter (0.2, 0.2, 0.2, 0.1 as notebook 000; on the device)."""
+    """Pascal VOC (the VOC model comparison and accumulation study): the image zoomed by a factor uniform in `scale`, padded with
+    ignore to the crop where smaller, a random crop (512x512 in both), a horizontal flip,
+    colour jitter (0.2, 0.2, 0.2, 0.1 as the model comparison; on the device)."""
     A = _albu()
     lo, hi = scale
     return A.Compose([
@@ -113,7 +113,7 @@ def voc(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), p_flip: 
 def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), longest: int = 0,
                p_flip: float = 0.5, jitter: float = 0.2, hue: float = 0.05, p_jitter: float = 0.5):
     """Cityscapes: scale jitter at the crop size, flip, colour jitter; optionally at a reduced
-    resolution (notebook 003 trained at 128x256 of the 1024x2048 frames: `longest = 256`).
+    resolution (the Cityscapes low-resolution study trained at 128x256 of the 1024x2048 frames: `longest = 256`).
 
     `longest` > 0 first resizes the frame so its longest side has that many pixels (0 = native).
     Scale jitter is RandomResizedCrop-like and cheap at 2048x1024: a window of height crop/s
@@ -138,8 +138,8 @@ def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), l
 def ph2(crop, ignore_index, *, keep_aspect: bool = False, p_flip: float = 0.5, p_vflip: float = 0.5,
         shift: float = 0.1, scale: tuple[float, float] = (0.85, 1.15), rotate: float = 15.0,
         p_affine: float = 0.5, blur: tuple[int, int] = (3, 7), p_blur: float = 0.25):
-    """PH2 skin lesions (notebook 001: whole image to 256x256, random h/v flips; shift-scale-rotate
-    0.1/0.15/15 and blur as notebook 002's strong pipeline). Lesions have no up or left, so both
+    """PH2 skin lesions (the PH2 lesion study: whole image to 256x256, random h/v flips; shift-scale-rotate
+    0.1/0.15/15 and blur as the VOC accumulation study's strong pipeline). Lesions have no up or left, so both
     flips. The corners a rotation or shift brings in are no skin photographed: ignore in the mask.
     `blur` is the range of odd Gaussian kernel sizes."""
     A = _albu()
@@ -155,7 +155,7 @@ def ph2(crop, ignore_index, *, keep_aspect: bool = False, p_flip: float = 0.5, p
 
 
 def birds(crop, ignore_index, *, keep_aspect: bool = True, p_flip: float = 0.0):
-    """Birds (notebook 004): the whole image resized to the crop — scaled to fit and padded with
+    """Birds (the birds assignment): the whole image resized to the crop — scaled to fit and padded with
     ignore, or stretched with keep_aspect = false; a horizontal flip if p_flip > 0."""
     A = _albu()
     return A.Compose([*_fit(crop, ignore_index, keep_aspect), A.HorizontalFlip(p=p_flip)])

@@ -1,7 +1,7 @@
-"""SegNet (Badrinarayanan et al. 2015) as notebook 001 wrote it for PH2: an encoder of conv-norm-ReLU
+"""SegNet (Badrinarayanan et al. 2015) as the PH2 lesion study built it: an encoder of conv-norm-ReLU
 pairs with max-pooling that remembers where each maximum was, a bottleneck convolution, and a
 decoder that puts values back at those places with max-unpooling (no skip connections, no
-learned up-sampling). Level i has `width * 2**i` channels; notebook 001 used width 16, depth 4.
+learned up-sampling). Level i has `width * 2**i` channels; that study used width 16, depth 4.
 
 Inputs of any size work (padded to a multiple of 2**depth, logits cropped back). Submodules are
 named `encoder`, `decoder` and `head` like our UNet's.

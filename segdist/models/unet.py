@@ -1,10 +1,10 @@
-"""Our own UNet, as the users' notebooks wrote it (seeds 000, 001, 003, 004), in one parametrised class.
+"""Our own UNet, as our users' experiments built it (recipes/README.md lists them), in one parametrised class.
 
 `depth` down-sampling steps; level i has `width * 2**i` channels, each level two 3x3 conv-norm-ReLU
-blocks, the bottleneck `width * 2**depth`. Up-sampling is a 2x2 transposed convolution (000's
-UNet-Lite), bilinear or nearest interpolation followed by a 1x1 convolution (002's TinyUNet,
-001's UNet v2), or max-unpooling with the encoder's pooling indices (001's UNet). `skips = False`
-removes the skip connections: the plain encoder-decoder that notebook 004 compares UNet with.
+blocks, the bottleneck `width * 2**depth`. Up-sampling is a 2x2 transposed convolution (the VOC
+model comparison's UNet-Lite), bilinear or nearest interpolation followed by a 1x1 convolution (the VOC accumulation
+study's TinyUNet, the PH2 lesion study's UNet v2), or max-unpooling with the encoder's pooling indices (the PH2 study's UNet). `skips = False`
+removes the skip connections: the plain encoder-decoder that the birds assignment compares UNet with.
 
 Inputs of any size work: the forward pads to a multiple of 2**depth and crops the logits back.
 Submodules are named `encoder`, `decoder` and `head` (optim.encoder_lr_mult finds the encoder).

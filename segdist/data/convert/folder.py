@@ -46,7 +46,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     names.add_argument("--classes-file", default=None, metavar="FILE", help="class names, one per line, in train-id order")
     p.add_argument("--keys-file", default=None, metavar="FILE",
                    help="convert only the keys listed in FILE, one per line (blank lines and # comments "
-                   "skipped): a split cut from a list, as notebook 001's PH2 100/50/50 split; a listed key "
+                   "skipped): a split cut from a list, as the PH2 lesion study's 100/50/50 split; a listed key "
                    "without an image or a mask, or listed twice, is an error")
     p.add_argument("--allow-unpaired", action="store_true", help="skip files without a partner instead of failing")
     p.add_argument("--dataset", default="folder", help="dataset name recorded in the manifest (default folder)")

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 from segdist.bench import build_parser
-from segdist.bench.feed import STAGES, gpu_rates, storage_of, write_tier
+from segdist.bench.feed import BEFORE, STAGES, gpu_rates, storage_of, write_tier
+from segdist.data.convert import build_parser as shard_parser
 from segdist.data.manifest import load_manifest
 from segdist.errors import UserError
 
@@ -22,6 +23,18 @@ def test_storage_comes_from_the_training_splits_convert_line():
     assert storage_of(ROOT / "recipes" / "shapes_unet.toml", "train")["image_format"] == "keep"
     with pytest.raises(UserError, match="no '# convert:' line for its training split 'trainaug'"):
         storage_of(ROOT / "recipes" / "voc_unet_r34.toml", "trainaug")
+
+
+def test_before_is_the_converters_default_storage():
+    args = shard_parser().parse_args(["cityscapes", "--root", "r", "--split", "train", "--out", "o"])
+    assert {key: getattr(args, key) for key in BEFORE} == BEFORE
+
+
+def test_a_convert_line_the_converter_refuses_is_a_user_error_naming_the_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("# convert: python launch/shard.py cityscapes --root $ROOT --split train --image-format webp\n")
+    with pytest.raises(UserError, match="not a valid launch/shard.py command"):
+        storage_of(recipe, "train")
 
 
 def test_tiers_are_written_as_the_converter_writes_them(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import shlex
 import tempfile
 import time
@@ -50,7 +51,8 @@ DATASETS = {
 STAGES = ("read", "image", "mask", "augment", "collate")
 """Where the ms go: tar read, image decode, mask decode + label check, the preset, batching."""
 BEFORE = {"max_size": None, "image_format": "keep", "jpeg_quality": 95, "mask_format": "png"}
-"""How every recipe's data was stored before recipes named their storage: full frames, source format."""
+"""How every recipe's data was stored before recipes named their storage: launch/shard.py's
+defaults (full frames, the source's format); tests/test_bench_feed.py checks they still are."""
 
 
 def add_parser(sub) -> None:
@@ -69,17 +71,22 @@ def add_parser(sub) -> None:
 
 # -- storage -------------------------------------------------------------------------------------------
 def storage_of(recipe_path: Path, train_split: str) -> dict:
-    """--max-size, --image-format and --jpeg-quality of the recipe's `# convert:` line for its
-    training split (the converter's defaults where the line does not say)."""
+    """How the recipe's `# convert:` line for its training split stores frames (the keys of BEFORE),
+    read with launch/shard.py's own parser, so its defaults are the converter's. The synthetic
+    converter has no storage options: its frames are stored as generated, as BEFORE."""
+    from segdist.data.convert import build_parser
+
     for line in Path(recipe_path).read_text(encoding="utf-8").splitlines():
         if not line.startswith("# convert: "):
             continue
-        argv = shlex.split(line[len("# convert: "):])
+        argv = shlex.split(line[len("# convert: "):])[2:]  # past "python launch/shard.py"
         if "--split" in argv and argv[argv.index("--split") + 1] == train_split:
-            value = lambda name, default: argv[argv.index(name) + 1] if name in argv else default  # noqa: E731
-            size = value("--max-size", None)
-            return {"max_size": None if size is None else int(size), "image_format": value("--image-format", "keep"),
-                    "jpeg_quality": int(value("--jpeg-quality", 95)), "mask_format": value("--mask-format", "png")}
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit:  # argparse has printed what is wrong with the line
+                raise UserError(f"{recipe_path}: its '# convert:' line for split {train_split!r} is not a valid "
+                                "launch/shard.py command") from None
+            return {key: getattr(args, key, default) for key, default in BEFORE.items()}
     raise UserError(f"{recipe_path} has no '# convert:' line for its training split {train_split!r}: "
                     "add one (see recipes/README.md)")
 
@@ -101,6 +108,7 @@ def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: in
 
     from segdist.bench.data import make_frame
     from segdist.data.convert.imageio import SourceImage, encode_image, fit_longest
+    from segdist.data.sample import decode_image
     from segdist.data.shards import ShardWriter, encode_jpeg, encode_png
     from segdist.data.shapes import PALETTE, make_scene
 
@@ -121,11 +129,11 @@ def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: in
             elif fmt == "JPEG":
                 data = encode_jpeg(rgb, 90)
             else:
-                buf = __import__("io").BytesIO()
+                buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="BMP")
                 data = buf.getvalue()
             if fmt == "JPEG":  # the decoded JPEG is what a conversion reads
-                rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                rgb = decode_image(data)
             src = SourceImage(rgb, data, fmt, "RGB", keepable=fmt in ("PNG", "JPEG"))
             small, small_mask = fit_longest(rgb, mask, storage["max_size"])
             encoded, ext = encode_image(src, storage["image_format"], storage["jpeg_quality"],
@@ -157,18 +165,19 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
     split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
-    from segdist.data.augment import decode_reduction, seed_pipeline
+    from segdist.data.augment import decode_reduction
     from segdist.data.manifest import load_manifest
-    from segdist.data.sample import (IMAGE_KINDS, MASK_KINDS, decode_image, decode_mask, image_size, is_jpeg, read_shard,
-                                     stray_label)
-    from segdist.data.stream import mask_tensor
+    from segdist.data.sample import read_shard, sample_image, sample_mask
+    from segdist.data.stream import TrainStream
 
     manifest = load_manifest(split, "train")
     transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
     # The JPEG decode reduction came with the colour jitter's move: "before" decodes full frames.
     reduce_for = None if colour_on_cpu else decode_reduction(recipe.data.augment, tuple(recipe.data.crop),
                                                               recipe.data.augment_args)
-    classes = manifest.num_classes
+    # The training stream's own per-sample augmentation (seeds, CPU pipeline, colour factors).
+    stream = TrainStream([], rank=0, world=1, seed=0, transform=transform, colour=colour, num_classes=manifest.num_classes,
+                         ignore_index=manifest.ignore_index, shuffle_buffer=0, batch_size=recipe.data.batch_size)
     batch = recipe.data.batch_size
     best = {s: float("inf") for s in STAGES}
     stored = sum(p.stat().st_size for p in manifest.shard_paths()) / manifest.num_samples / 1e6
@@ -180,21 +189,11 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
         items = []
         for n, raw in enumerate(raws):
             t0 = time.perf_counter()
-            data = next(raw[k] for k in IMAGE_KINDS if k in raw)
-            reduce = reduce_for(*image_size(data)) if reduce_for is not None and is_jpeg(data) else 1
-            image = decode_image(data, reduce)
+            image, full = sample_image(raw, reduce_for)
             t1 = time.perf_counter()
-            mask = decode_mask(next(raw[k] for k in MASK_KINDS if k in raw))
-            stray_label(mask, classes, manifest.ignore_index)
-            if reduce > 1:
-                mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+            mask = sample_mask(raw, manifest.num_classes, manifest.ignore_index, full, image.shape[:2])
             t2 = time.perf_counter()
-            seed_pipeline(transform, int(np.random.default_rng([0, 0, 0, n, 2]).integers(1 << 31)))
-            out = transform(image=image, mask=mask)
-            item = (torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"])))
-            if colour is not None:  # only the factors: the device applies them
-                item += (torch.from_numpy(colour.draw(np.random.default_rng([0, 0, 0, n, 3]))),)
-            items.append(item)
+            items.append(stream.augment(image, mask, 0, n))
             t3 = time.perf_counter()
             spent["image"] += t1 - t0
             spent["mask"] += t2 - t1

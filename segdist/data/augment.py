@@ -11,10 +11,11 @@ An unknown key, or a value of the wrong type or range, is a `UserError` that lis
 parameters. Conventions: `p_*` are probabilities; `scale` is a [low, high] zoom range; `jitter` is
 the brightness/contrast/saturation strength of the colour jitter and `hue` its hue strength.
 
-Geometry runs here, on the CPU in the loader (`build_augment`). Colour jitter does not: the loader
-only draws each sample's factors and the trainer applies them to the batch on the device
-(`build_colour`, segdist.data.colour), since four full-frame passes per sample on the CPU are what
-keeps a GPU waiting.
+Geometry runs here, on the CPU in the loader (`build_augment`). Colour jitter does not: a preset's
+`jitter`, `hue` and `p_jitter` are read by `build_colour` (the preset functions take them only so
+they are the preset's knobs), the loader draws each sample's factors and the trainer applies them to
+the batch on the device (segdist.data.colour), since four full-frame passes per sample on the CPU
+are what keeps a GPU waiting.
 
 Joint on image and mask, always: masks are resized and warped with nearest interpolation (no
 invented label values) and every pixel that did not come from the photo (padding, a rotated-in
@@ -76,11 +77,6 @@ def _fit(crop: tuple[int, int], ignore_index: int, keep_aspect: bool) -> list:
             _pad(crop, ignore_index)]
 
 
-def _jitter(strength: float, hue: float, p: float) -> ColourJitter:
-    """A preset's colour jitter, applied on the device (segdist.data.colour), never in the CPU pipeline."""
-    return ColourJitter(brightness=strength, contrast=strength, saturation=strength, hue=hue, p=p)
-
-
 # -- presets ---------------------------------------------------------------------------------------
 def shapes(crop, ignore_index, *, p_flip: float = 0.5, p_rot90: float = 0.5, jitter: float = 0.2,
            hue: float = 0.05, p_jitter: float = 0.5):
@@ -88,7 +84,7 @@ def shapes(crop, ignore_index, *, p_flip: float = 0.5, p_rot90: float = 0.5, jit
     A turn would change a non-square crop's shape (and break batching): there, a vertical flip instead."""
     A = _albu()
     turn = A.RandomRotate90(p=p_rot90) if crop[0] == crop[1] else A.VerticalFlip(p=p_rot90)
-    return A.Compose([*_pad_crop(crop, ignore_index), A.HorizontalFlip(p=p_flip), turn]), _jitter(jitter, hue, p_jitter)
+    return A.Compose([*_pad_crop(crop, ignore_index), A.HorizontalFlip(p=p_flip), turn])
 
 
 def crop_only(crop, ignore_index):
@@ -98,8 +94,8 @@ def crop_only(crop, ignore_index):
 
 def voc(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), p_flip: float = 0.5,
         jitter: float = 0.2, hue: float = 0.1, p_jitter: float = 0.5):
-    """Pascal VOC (the VOC model comparison and accumulation study): the image zoomed by a factor uniform in `scale`, padded with
-    ignore to the crop where smaller, a random crop (512x512 in both), a horizontal flip,
+    """Pascal VOC (the VOC model comparison and accumulation study): the image zoomed by a factor
+    uniform in `scale`, padded with ignore to the crop where smaller, a random crop (512x512 in both), a horizontal flip,
     colour jitter (0.2, 0.2, 0.2, 0.1 as the model comparison; on the device)."""
     A = _albu()
     lo, hi = scale
@@ -107,13 +103,14 @@ def voc(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), p_flip: 
         A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=LINEAR, mask_interpolation=NEAREST, p=1.0),
         *_pad_crop(crop, ignore_index),
         A.HorizontalFlip(p=p_flip),
-    ]), _jitter(jitter, hue, p_jitter)
+    ])
 
 
 def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), longest: int = 0,
                p_flip: float = 0.5, jitter: float = 0.2, hue: float = 0.05, p_jitter: float = 0.5):
     """Cityscapes: scale jitter at the crop size, flip, colour jitter; optionally at a reduced
-    resolution (the Cityscapes low-resolution study trained at 128x256 of the 1024x2048 frames: `longest = 256`).
+    resolution (the Cityscapes low-resolution study trained at 128x256 of the 1024x2048 frames:
+    `longest = 256`).
 
     `longest` > 0 first resizes the frame so its longest side has that many pixels (0 = native).
     Scale jitter is RandomResizedCrop-like and cheap at 2048x1024: a window of height crop/s
@@ -132,15 +129,15 @@ def cityscapes(crop, ignore_index, *, scale: tuple[float, float] = (0.5, 2.0), l
         A.RandomSizedCrop(min_max_height=(max(1, round(h / hi)), biggest[0]), size=(h, w), w2h_ratio=w / h,
                           interpolation=LINEAR, mask_interpolation=NEAREST),
         A.HorizontalFlip(p=p_flip),
-    ]), _jitter(jitter, hue, p_jitter)
+    ])
 
 
 def ph2(crop, ignore_index, *, keep_aspect: bool = False, p_flip: float = 0.5, p_vflip: float = 0.5,
         shift: float = 0.1, scale: tuple[float, float] = (0.85, 1.15), rotate: float = 15.0,
         p_affine: float = 0.5, blur: tuple[int, int] = (3, 7), p_blur: float = 0.25):
-    """PH2 skin lesions (the PH2 lesion study: whole image to 256x256, random h/v flips; shift-scale-rotate
-    0.1/0.15/15 and blur as the VOC accumulation study's strong pipeline). Lesions have no up or left, so both
-    flips. The corners a rotation or shift brings in are no skin photographed: ignore in the mask.
+    """PH2 skin lesions (the PH2 lesion study: whole image to 256x256, random h/v flips;
+    shift-scale-rotate 0.1/0.15/15 and blur as the VOC accumulation study's strong pipeline).
+    Lesions have no up or left, so both flips. The corners a rotation or shift brings in are no skin photographed: ignore in the mask.
     `blur` is the range of odd Gaussian kernel sizes."""
     A = _albu()
     return A.Compose([
@@ -155,14 +152,13 @@ def ph2(crop, ignore_index, *, keep_aspect: bool = False, p_flip: float = 0.5, p
 
 
 def birds(crop, ignore_index, *, keep_aspect: bool = True, p_flip: float = 0.0):
-    """Birds (the birds assignment): the whole image resized to the crop — scaled to fit and padded with
-    ignore, or stretched with keep_aspect = false; a horizontal flip if p_flip > 0."""
+    """Birds (the birds assignment): the whole image resized to the crop — scaled to fit and padded
+    with ignore, or stretched with keep_aspect = false; a horizontal flip if p_flip > 0."""
     A = _albu()
     return A.Compose([*_fit(crop, ignore_index, keep_aspect), A.HorizontalFlip(p=p_flip)])
 
 
 PRESETS: dict[str, Callable[..., Any]] = {
-    # each returns its CPU pipeline (an A.Compose), or (pipeline, ColourJitter) when it jitters colour
     "shapes": shapes,
     "crop": crop_only,
     "voc": voc,
@@ -222,27 +218,32 @@ def check_augment(name: str, args: dict) -> dict[str, Any]:
     return kwargs
 
 
-def _build(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None):
+def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None = None):
+    """The CPU training pipeline (geometry) of preset `name` at `crop` = (height, width), tuned by
+    `args` (data.augment_args)."""
     kwargs = check_augment(name, args or {})
     try:
-        built = PRESETS[name](tuple(crop), ignore_index, **kwargs)
+        return PRESETS[name](tuple(crop), ignore_index, **kwargs)
     except ValueError as exc:  # albumentations validates its arguments with pydantic (a ValueError)
         first = str(exc).strip().splitlines()
         raise UserError(f"data.augment_args {args} are invalid for preset {name!r}: "
                         f"{' '.join(first[:3])}") from None
-    return built if isinstance(built, tuple) else (built, None)
 
 
-def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dict | None = None):
-    """The CPU training pipeline (geometry) of preset `name` at `crop` = (height, width), tuned by
-    `args` (data.augment_args)."""
-    return _build(name, crop, ignore_index, args)[0]
+def _resolved(name: str, args: dict | None) -> dict[str, Any]:
+    """Every parameter of the preset: its defaults, overridden by `args` (checked)."""
+    return {**preset_params(name), **check_augment(name, args or {})}
 
 
 def build_colour(name: str, args: dict | None = None) -> ColourJitter | None:
-    """The preset's colour jitter, applied on the device; None when it has none or it is off."""
-    colour = _build(name, (8, 8), 255, args)[1]
-    return colour if colour is not None and colour.active else None
+    """The colour jitter of a preset that has `jitter`, `hue` and `p_jitter`, applied on the device
+    (segdist.data.colour), never in the CPU pipeline; None when it has none or it is off."""
+    kw = _resolved(name, args)
+    if "p_jitter" not in kw:
+        return None
+    colour = ColourJitter(brightness=kw["jitter"], contrast=kw["jitter"], saturation=kw["jitter"], hue=kw["hue"],
+                          p=kw["p_jitter"])
+    return colour if colour.active else None
 
 
 @dataclass(frozen=True)
@@ -269,12 +270,14 @@ class DecodeReduction:
 
 
 def decode_reduction(name: str, crop: tuple[int, int], args: dict | None = None) -> DecodeReduction | None:
-    """The preset's first shrink (see DecodeReduction); None for presets that crop or zoom first."""
-    kwargs = {**preset_params(name), **check_augment(name, args or {})}
-    if name == "cityscapes":
-        return DecodeReduction(longest=kwargs["longest"]) if kwargs["longest"] else None
-    if name in ("ph2", "birds"):
-        return DecodeReduction(fit=tuple(crop), keep_aspect=kwargs["keep_aspect"])
+    """The preset's first shrink (see DecodeReduction), by its parameters: `longest` > 0 resizes the
+    frame's longest side first, `keep_aspect` fits the whole frame to the crop first; None for
+    presets that crop or zoom first."""
+    kw = _resolved(name, args)
+    if kw.get("longest"):
+        return DecodeReduction(longest=kw["longest"])
+    if "keep_aspect" in kw:
+        return DecodeReduction(fit=tuple(crop), keep_aspect=kw["keep_aspect"])
     return None
 
 

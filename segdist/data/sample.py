@@ -246,6 +246,54 @@ def stray_label(mask: np.ndarray, num_classes: int, ignore_index: int) -> int | 
     return int(bad[0]) if bad.size else None
 
 
+def _member(sample: dict, kinds) -> bytes:
+    data = next((sample[kind] for kind in kinds if kind in sample), None)
+    if data is None:
+        raise CorruptSample(sample["__key__"], sample.get("__url__"),
+                            "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png/mask.npy)")
+    return data
+
+
+def sample_image(sample: dict, reduce_for: Callable[[int, int], int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(HxWx3 uint8 RGB image, the frame's full (height, width)): the image half of `decode_sample`."""
+    data = _member(sample, IMAGE_KINDS)
+    _member(sample, MASK_KINDS)  # a sample without its mask is named before any decoding
+    reduce, size = 1, None
+    if reduce_for is not None and is_jpeg(data):
+        size = image_size(data)
+        reduce = reduce_for(*size) if size is not None else 1
+    image = decode_image(data, reduce)
+    if image is None:
+        raise CorruptSample(sample["__key__"], sample.get("__url__"), "has an image that does not decode")
+    return image, (size if reduce > 1 else image.shape[:2])
+
+
+def sample_mask(sample: dict, num_classes: int, ignore_index: int, full: tuple[int, int],
+                shape: tuple[int, int]) -> np.ndarray:
+    """The mask half of `decode_sample`: decoded, checked against the image's full size `full` and the
+    label set, then (when the image was decoded reduced, to `shape`) shrunk with nearest neighbour."""
+    key, url = sample["__key__"], sample.get("__url__")
+    data = _member(sample, MASK_KINDS)
+    try:
+        mask = decode_mask(data)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
+        raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"sample {key} in {url}: mask is not 8- or 16-bit single-channel; re-run the conversion")
+    if tuple(full) != mask.shape:
+        raise UserError(f"sample {key} in {url}: image {tuple(full)} and mask {mask.shape} differ in size; "
+                        "re-run the conversion")
+    bad = stray_label(mask, num_classes, ignore_index)
+    if bad is not None:
+        raise UserError(
+            f"sample {key} in {url}: mask label {bad} is not below "
+            f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
+        )
+    if tuple(shape) != mask.shape:  # the grid INTER_AREA / INTER_LINEAR use, as everywhere masks are resized
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+    return mask
+
+
 def decode_sample(sample: dict, num_classes: int, ignore_index: int,
                   reduce_for: Callable[[int, int], int] | None = None) -> tuple[str, np.ndarray, np.ndarray]:
     """(key, HxWx3 uint8 RGB image, HxW uint8 mask — uint16 when the shard stores 16-bit masks).
@@ -256,36 +304,8 @@ def decode_sample(sample: dict, num_classes: int, ignore_index: int,
     first, as a power of two, segdist.data.augment.decode_reduction) decodes a JPEG image at that
     fraction; its mask, checked at full size, is then shrunk to the image with nearest neighbour.
     """
-    key, url = sample["__key__"], sample.get("__url__")
-    image_bytes = next((sample[kind] for kind in IMAGE_KINDS if kind in sample), None)
-    mask_bytes = next((sample[kind] for kind in MASK_KINDS if kind in sample), None)
-    if image_bytes is None or mask_bytes is None:
-        raise CorruptSample(key, url, "lacks an image (image.png/image.jpg/image.npy) or a mask (mask.png/mask.npy)")
-    reduce = 1
-    if reduce_for is not None and is_jpeg(image_bytes):
-        size = image_size(image_bytes)
-        reduce = reduce_for(*size) if size is not None else 1
-    image = decode_image(image_bytes, reduce)
-    if image is None:
-        raise CorruptSample(key, url, "has an image that does not decode")
-    try:
-        mask = decode_mask(mask_bytes)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged bytes
-        raise CorruptSample(key, url, f"has a mask that does not decode ({exc})") from None
-    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
-        raise UserError(f"sample {key} in {url}: mask is not an 8- or 16-bit single-channel PNG; re-run the conversion")
-    full = image.shape[:2] if reduce == 1 else size
-    if full != mask.shape:
-        raise UserError(f"sample {key} in {url}: image {full} and mask {mask.shape} differ in size; re-run the conversion")
-    bad = stray_label(mask, num_classes, ignore_index)
-    if bad is not None:
-        raise UserError(
-            f"sample {key} in {url}: mask label {bad} is not below "
-            f"{num_classes} classes nor ignore {ignore_index}; fix model.classes or the data"
-        )
-    if reduce > 1:  # the grid INTER_AREA / INTER_LINEAR use, as everywhere masks are resized
-        mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
-    return key, image, mask
+    image, full = sample_image(sample, reduce_for)
+    return sample["__key__"], image, sample_mask(sample, num_classes, ignore_index, full, image.shape[:2])
 
 
 # -- padding and bit depth ----------------------------------------------------------------------

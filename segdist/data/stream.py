@@ -13,7 +13,8 @@ pure function of the seed, and resuming after B batches skips exactly the sample
 produced, before decoding them. A preset's colour jitter is not applied here: sample n draws its
 factors from (seed, rank, worker, n, 3) and the batch carries them as a third tensor (N x 4), which
 the trainer applies on the device (segdist.data.colour). A preset that shrinks frames first
-(segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their size. With rare-class sampling (segdist.data.sampling) a pass yields
+(segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their
+size. With rare-class sampling (segdist.data.sampling) a pass yields
 each sample as often as that pass's draw, seeded by (seed, p), says: the same on every rank.
 
 A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
@@ -207,8 +208,9 @@ class TrainStream(IterableDataset):
                     "use fewer processes or workers, or set data.sampling = \"uniform\""
                 )
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
-        """(image, mask) after the CPU pipeline, plus the colour factors when the preset jitters colour."""
+    def augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Sample n of loader worker `worker` after the CPU pipeline, seeded as the stream seeds it:
+        (image, mask), plus the colour factors when the preset jitters colour."""
         seed_pipeline(self.transform, int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))
         out = self.transform(image=image, mask=mask)
         sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
@@ -243,7 +245,7 @@ class TrainStream(IterableDataset):
                 pending.append(n)
                 continue
             for m in (*pending, n):
-                yield self._augment(image, mask, worker, m)
+                yield self.augment(image, mask, worker, m)
             pending.clear()
 
 

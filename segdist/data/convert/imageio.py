@@ -35,7 +35,6 @@ from segdist.data.shards import encode_jpeg, encode_png, encode_raw
 from segdist.errors import UserError
 
 IMAGE_FORMATS = ("keep", "jpeg", "png", "raw")
-IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "raw": "npy"}
 
 # PIL modes that PIL itself converts to RGB without losing anything we keep (alpha is dropped).
 _DIRECT_TO_RGB = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -101,7 +100,8 @@ def fit_longest(image: np.ndarray, mask: np.ndarray, max_size: int | None) -> tu
     scale = max_size / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 takes (width, height)
     # INTER_NEAREST_EXACT samples the pixel centres INTER_AREA / INTER_LINEAR average around.
-    small_mask = cv2.resize(mask if mask.dtype in (np.uint8, np.uint16) else mask.astype(np.uint16), size,
+    # Any integer labels as they are (cv2 keeps int32 under nearest): the writer checks them after.
+    small_mask = cv2.resize(mask if mask.dtype in (np.uint8, np.uint16, np.int32) else mask.astype(np.int32), size,
                             interpolation=cv2.INTER_NEAREST_EXACT)
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), small_mask
 

@@ -208,11 +208,11 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     make_cityscapes(base / "cityscapes", "val", 1, size=(256, 512))
     make_voc(base / "VOC2012", size=(375, 500))
     for split, seed in (("train", 0), ("val", 1)):
-        make_ph2(base / f"ph2-{split}", seed, size=(280, 384))
+        make_ph2(base / f"ph2-{split}", seed, size=(420, 576))  # above the 384 tier
         (base / "PH2").mkdir(exist_ok=True)
         shutil.move(base / f"ph2-{split}" / "PH2 Dataset images", base / "PH2" / split)
     for split, seed in (("train", 0), ("test", 1)):
-        make_birds(base / f"birds-{split}", seed, size=(120, 160))
+        make_birds(base / f"birds-{split}", seed, size=(300, 400))  # landscape, above the 256 tier
         (base / "birds" / split).mkdir(parents=True)
         shutil.move(base / f"birds-{split}" / "images", base / "birds" / split / "images")
         shutil.move(base / f"birds-{split}" / "masks", base / "birds" / split / "gt")
@@ -258,7 +258,7 @@ def test_convert_lines_write_what_the_recipe_trains_and_evaluates(path, sources,
     workdir = converted.workdir
     train_m = load_manifest(workdir / r.data.root, r.data.train_split)
     val_m = load_manifest(workdir / r.data.eval_root, r.data.val_split)
-    crop = r.data.crop if r.data.crop[0] * r.data.crop[1] <= 128 * 256 else [64, 64]
+    crop = r.data.crop if r.data.crop[0] * r.data.crop[1] <= 256 * 256 else [64, 64]  # the big models' smaller
     run = tmp_path / "run"
     overrides = [
         f"data.root={workdir / r.data.root}", f"data.val_root={workdir / r.data.eval_root}", f"data.crop={crop}",
@@ -270,6 +270,8 @@ def test_convert_lines_write_what_the_recipe_trains_and_evaluates(path, sources,
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics" / "step-1" / "metrics.json").read_text())
     assert metrics["num_samples"] == val_m.num_samples and metrics["valid_pixels"] == val_m.valid_pixels
+    if dataset in ("birds", "ph2"):  # the crop is the recipe's own, on its real tier
+        assert crop == r.data.crop and max(train_m.frame_sizes["stored"]["max"]) == {"birds": 256, "ph2": 384}[dataset]
     if path.stem == "cityscapes_unet":  # a tier at the training size, evaluated on the full frames
         assert train_m.frame_sizes["stored"]["max"] == [128, 256] and train_m.frame_sizes["source"]["max"] == [256, 512]
         assert val_m.frame_sizes["stored"]["max"] == [256, 512]

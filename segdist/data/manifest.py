@@ -129,13 +129,14 @@ def check_same_labels(train: Manifest, val: Manifest) -> None:
 
 
 def check_crop_fits(manifest: Manifest, crop) -> None:
-    """A training crop larger than every frame of a reduced tier (`--max-size`) means the recipe reads
-    the wrong tier: a `UserError` naming both sizes. Full-size splits may be smaller than the crop
-    (presets zoom and pad them)."""
+    """A training crop whose longest side exceeds the longest side of every frame of a reduced tier
+    (`--max-size`) means the recipe reads the wrong tier: a `UserError` naming both sizes. Only the
+    longest sides: a preset may fit a landscape frame into a square crop (birds: 192x256 into 256x256)
+    and pad it. Full-size splits may be smaller than the crop (presets zoom and pad them)."""
     stored, max_size = manifest.stored_max(), manifest.options.get("max_size")
     if stored is None or max_size is None:
         return
-    if crop[0] > stored[0] or crop[1] > stored[1]:
+    if max(crop) > max(stored):
         raise UserError(
             f"data.crop {list(crop)} is larger than the frames split {manifest.split!r} in {manifest.root} stores "
             f"(at most {stored[0]}x{stored[1]}, converted with --max-size {max_size}): train from a tier converted "

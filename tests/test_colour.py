@@ -62,3 +62,11 @@ def test_to_input_applies_the_factors_before_normalising():
     x = images.permute(0, 3, 1, 2).float()
     assert torch.equal(to_input(images, "cpu", factors), normalise(apply_colour(x, factors)))
     assert torch.equal(to_input(images, "cpu", factors)[1], to_input(images, "cpu")[1])
+
+
+def test_a_batch_without_hue_skips_the_hsv_round_trip_and_gives_the_same_pixels():
+    x = batch()
+    factors = torch.tensor([[1.2, 0.8, 1.3, 0.0], [0.7, 1.25, 0.6, 0.0], list(IDENTITY), [1.0, 1.1, 0.9, 0.0]])
+    out = apply_colour(x.clone(), factors)
+    for i in range(len(x)):
+        assert torch.allclose(out[i], torchvision_reference(x[i], factors[i]), atol=1e-3), i

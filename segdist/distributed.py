@@ -52,10 +52,11 @@ def launch_context() -> DistContext:
 
 
 def set_threads() -> None:
-    """One share of the cores per local process, or the ranks fight over them (docs/design-notes.md)."""
+    """One share of the usable cores per local process, or the ranks fight over them
+    (docs/design-notes.md); the same cores `loader_workers` shares out."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(), 1)))
+    torch.set_num_threads(max(1, usable_cores() // max(local_world_size(), 1)))
 
 
 def make_accelerator(precision, grad_accum: int = 1):

@@ -28,6 +28,7 @@ import torch
 
 from segdist.checkpoint import latest_checkpoint, restore
 from segdist.data.augment import build_augment, build_colour, decode_reduction
+from segdist.data.geometry import build_geometry
 from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
@@ -163,7 +164,8 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: object
     transform: object
-    """The CPU augmentation pipeline (geometry) the loader runs."""
+    """The preset's geometry: the CPU pipeline the loader runs, or (data.geometry = "device") the
+    segdist.data.geometry.DeviceGeometry whose placements the trainer applies on the device."""
     colour: object
     """The preset's colour jitter (segdist.data.colour.ColourJitter), applied on the device; None if off."""
     reduce_for: object
@@ -188,7 +190,10 @@ def build_parts(r: Recipe, setup: Setup) -> Parts:
     if ema is not None:
         ema.attach(optimizer)  # a post-step hook: only applied optimizer steps update the average
     scheduler = build_scheduler(optimizer, r.schedule, r.train.steps)
-    transform = build_augment(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
+    if r.data.geometry == "device":
+        transform = build_geometry(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
+    else:
+        transform = build_augment(r.data.augment, tuple(r.data.crop), ignore, r.data.augment_args)
     colour = build_colour(r.data.augment, r.data.augment_args)
     reduce_for = decode_reduction(r.data.augment, tuple(r.data.crop), r.data.augment_args)
     state = TrainState()

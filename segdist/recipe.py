@@ -64,6 +64,10 @@ class DataConfig:
     """Overrides of the preset's parameters, e.g. {scale = [0.75, 1.5], p_flip = 0.0}; {} = its defaults."""
     crop: list[int] = field(default_factory=lambda: [64, 64])
     """Training crop as [height, width]."""
+    geometry: str = "cpu"
+    """Where the preset's geometry runs: "cpu" (albumentations in the loader) or "device" (the loader
+    draws each sample's placement, one batched warp on the GPU applies it; for light models whose
+    loader cannot keep up, segdist/data/geometry.py). Not with the ph2 preset's blur."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer."""
     on_corrupt: str = "fail"
@@ -84,9 +88,10 @@ class DataConfig:
             raise UserError(f"data.crop must be [height, width] of positive ints, got {self.crop}")
         if self.on_corrupt not in ("fail", "skip"):
             raise UserError(f"data.on_corrupt must be \"fail\" or \"skip\", got {self.on_corrupt!r}")
-        from segdist.data.augment import check_augment  # checks names and values; no albumentations import
+        from segdist.data.augment import resolved_params  # checks names and values; no albumentations import
+        from segdist.data.geometry import check_geometry
 
-        check_augment(self.augment, self.augment_args)
+        check_geometry(self.geometry, self.augment, resolved_params(self.augment, self.augment_args))
 
     @property
     def eval_root(self) -> str:

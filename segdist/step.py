@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from segdist.data.geometry import Placement, place
 from segdist.distributed import start_sum
 from segdist.preprocess import to_input
 
@@ -80,10 +81,18 @@ def on_device(window: list | None, device) -> list | None:
     """A window's labels as the loss reads them: int64 on `device`. A no-op for labels already so
     (the step before moved the next window's); the images stay as the loader gave them (to_input
     moves them). Done once per window, not twice: casting uint8 labels of 512x1024 took 0.35 ms
-    for 4 of them and 14.7 ms for 8 (fresh pages every time) on one CPU thread."""
+    for 4 of them and 14.7 ms for 8 (fresh pages every time) on one CPU thread. A batch whose
+    geometry runs on the device (it carries a Placement) is warped to its crop here first, so the
+    loss counts the placed pixels."""
     if not window:
         return window
-    return [(images, masks.to(device, non_blocking=True).long(), *rest) for images, masks, *rest in window]
+    landed = []
+    for images, masks, *rest in window:
+        if rest and isinstance(rest[0], Placement):
+            images, masks = place(images, masks, rest[0], device)
+            rest = rest[1:]
+        landed.append((images, masks.to(device, non_blocking=True).long(), *rest))
+    return landed
 
 
 def window_counts(loss_fn, masks: list[torch.Tensor]) -> torch.Tensor:

@@ -100,13 +100,38 @@ def test_stray_label_finds_what_label_counts_finds():
     from segdist.data.sample import stray_label
 
     rng = np.random.default_rng(1)
-    for dtype, classes, ignore in ((np.uint8, 4, 255), (np.uint8, 21, 0), (np.uint16, 300, 1000)):
-        for extra in (None, classes, classes + 7):
-            mask = rng.integers(0, classes, (37, 53)).astype(dtype)
-            mask[:3] = ignore
-            if extra is not None:
-                mask[5, 7] = extra
-            assert stray_label(mask, classes, ignore) == label_counts(mask, classes, ignore)[1] == extra
+    for dtype, classes, ignore in ((np.uint8, 4, 255), (np.uint8, 21, 0), (np.uint8, 4, 100), (np.uint16, 300, 1000)):
+        for extra in (None, classes, classes + 7, 200):
+            for with_ignore in (True, False):
+                mask = rng.integers(0, classes, (37, 53)).astype(dtype)
+                if with_ignore:
+                    mask[:3] = ignore
+                if extra is not None:
+                    mask[5, 7] = extra
+                want = extra if extra is not None and extra >= classes and extra != ignore else None
+                assert stray_label(mask, classes, ignore) == label_counts(mask, classes, ignore)[1] == want
+
+
+def test_raw_headers_are_read_as_numpy_reads_them():
+    """`.npy` headers as np.save writes them take the fast path; any other spelling numpy's reader."""
+    import io
+
+    from segdist.data.sample import _NPY_HEADER, _npy_header
+
+    for array in (np.zeros((281, 384, 3), np.uint8), np.zeros((5, 7), np.uint16), np.zeros((70000, 1), np.uint8),
+                  np.zeros((3,), np.uint8), np.asfortranarray(np.zeros((4, 6), np.uint8))):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        data = buf.getvalue()
+        buf.seek(0)
+        np.lib.format.read_magic(buf)
+        assert _npy_header(data) == (*np.lib.format.read_array_header_1_0(buf), buf.tell())
+        assert _NPY_HEADER.fullmatch(data, 10, buf.tell()) is not None
+    header = b"{'shape': (2, 3), 'fortran_order': False, 'descr': '|u1'}"  # valid, spelled otherwise
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(6)
+    assert _npy_header(data) == ((2, 3), False, np.dtype(np.uint8), 10 + len(header))
+    assert _npy_header(b"\x93NUMPY\x01\x00\x05\x00{bad}") is None
 
 
 def test_jpegs_decode_reduced_for_training_with_their_masks_shrunk_to_match():

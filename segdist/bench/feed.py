@@ -6,7 +6,8 @@ input path — read the shard (tar), decode the image, decode the mask and check
 it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
 recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
 `--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device, JPEGs decoded
-reduced where the preset shrinks them first. Beside it, in the same run and on
+reduced where the preset shrinks them first, and with `data.geometry = "device"` only each sample's
+placement drawn (the warp is the GPU's). Beside it, in the same run and on
 the same frames, the input path before: full-size frames in the source's own format
 (`--image-format keep`), decoded whole, colour jitter run on the CPU in the pipeline (albumentations'
 ColorJitter).
@@ -145,15 +146,20 @@ def write_tier(root: Path, dataset: str, classes: int, storage: dict, frames: in
 
 # -- timing --------------------------------------------------------------------------------------------
 def pipeline(recipe, ignore_index: int, colour_on_cpu: bool):
-    """(CPU pipeline, colour jitter whose factors the loader draws): today's, or the one before
-    colour jitter moved to the device, albumentations' ColorJitter at the end of the CPU pipeline."""
+    """(geometry, colour jitter whose factors the loader draws): today's (the recipe's
+    `data.geometry`: the CPU pipeline, or placements drawn for the device), or the one before
+    geometry could move and colour jitter moved to the device: the CPU pipeline, albumentations'
+    ColorJitter at its end."""
     import albumentations as A
 
     from segdist.data.augment import build_augment, build_colour
+    from segdist.data.geometry import build_geometry
 
     data = recipe.data
-    transform = build_augment(data.augment, tuple(data.crop), ignore_index, data.augment_args)
     colour = build_colour(data.augment, data.augment_args)
+    if data.geometry == "device" and not colour_on_cpu:
+        return build_geometry(data.augment, tuple(data.crop), ignore_index, data.augment_args), colour
+    transform = build_augment(data.augment, tuple(data.crop), ignore_index, data.augment_args)
     if colour_on_cpu and colour is not None:
         jitter = A.ColorJitter(brightness=colour.brightness, contrast=colour.contrast, saturation=colour.saturation,
                                hue=colour.hue, p=colour.p)
@@ -166,6 +172,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
     from segdist.data.augment import decode_reduction
+    from segdist.data.geometry import DeviceGeometry
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import read_shard, sample_image, sample_mask
     from segdist.data.stream import TrainStream
@@ -199,8 +206,10 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             spent["mask"] += t2 - t1
             spent["augment"] += t3 - t2
         t = time.perf_counter()
+        # as train_loader batches: stacked crops, or stored frames in one canvas with their placements
+        collate = transform.collate if isinstance(transform, DeviceGeometry) else torch.utils.data.default_collate
         for i in range(0, len(items), batch):
-            torch.utils.data.default_collate(items[i: i + batch])
+            collate(items[i: i + batch])
         spent["collate"] = time.perf_counter() - t
         for stage in STAGES:
             best[stage] = min(best[stage], 1000 * spent[stage] / len(raws))

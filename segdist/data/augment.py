@@ -11,7 +11,10 @@ An unknown key, or a value of the wrong type or range, is a `UserError` that lis
 parameters. Conventions: `p_*` are probabilities; `scale` is a [low, high] zoom range; `jitter` is
 the brightness/contrast/saturation strength of the colour jitter and `hue` its hue strength.
 
-Geometry runs here, on the CPU in the loader (`build_augment`). Colour jitter does not: a preset's
+Geometry runs here, on the CPU in the loader (`build_augment`), unless the recipe sets
+`data.geometry = "device"`: then the loader only draws each sample's placement from the same
+distributions and one batched warp applies it on the device (segdist.data.geometry). Colour jitter
+never runs here: a preset's
 `jitter`, `hue` and `p_jitter` are read by `build_colour` (the preset functions take them only so
 they are the preset's knobs), the loader draws each sample's factors and the trainer applies them to
 the batch on the device (segdist.data.colour), since four full-frame passes per sample on the CPU
@@ -230,7 +233,7 @@ def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dic
                         f"{' '.join(first[:3])}") from None
 
 
-def _resolved(name: str, args: dict | None) -> dict[str, Any]:
+def resolved_params(name: str, args: dict | None) -> dict[str, Any]:
     """Every parameter of the preset: its defaults, overridden by `args` (checked)."""
     return {**preset_params(name), **check_augment(name, args or {})}
 
@@ -238,7 +241,7 @@ def _resolved(name: str, args: dict | None) -> dict[str, Any]:
 def build_colour(name: str, args: dict | None = None) -> ColourJitter | None:
     """The colour jitter of a preset that has `jitter`, `hue` and `p_jitter`, applied on the device
     (segdist.data.colour), never in the CPU pipeline; None when it has none or it is off."""
-    kw = _resolved(name, args)
+    kw = resolved_params(name, args)
     if "p_jitter" not in kw:
         return None
     colour = ColourJitter(brightness=kw["jitter"], contrast=kw["jitter"], saturation=kw["jitter"], hue=kw["hue"],
@@ -273,7 +276,7 @@ def decode_reduction(name: str, crop: tuple[int, int], args: dict | None = None)
     """The preset's first shrink (see DecodeReduction), by its parameters: `longest` > 0 resizes the
     frame's longest side first, `keep_aspect` fits the whole frame to the crop first; None for
     presets that crop or zoom first."""
-    kw = _resolved(name, args)
+    kw = resolved_params(name, args)
     if kw.get("longest"):
         return DecodeReduction(longest=kw["longest"])
     if "keep_aspect" in kw:

@@ -13,6 +13,7 @@ the benches, prediction and the TensorBoard strips all go through this module.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -162,24 +163,45 @@ def make_sample(key: str, url: str, image: bytes, image_kind: str, mask: bytes) 
 
 
 # -- decoding and the label check ---------------------------------------------------------------
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (False|True), 'shape': \((\d+(?:, \d+)*),?\), \} *\n")
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, Fortran order, dtype, offset of the pixels) of `.npy` (format 1.0) bytes, or None.
+    The header as `np.save` writes it is read with one regular expression (numpy's own reader, which
+    evaluates the header as a Python literal, took ~40 us of the ~50 a raw 384x281 frame costs);
+    any other spelling goes through numpy's reader."""
+    if len(data) < 10 or data[:8] != _NPY_MAGIC + b"\x01\x00":
+        return None
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    found = _NPY_HEADER.fullmatch(data, 10, offset)
+    if found is not None:
+        shape = tuple(int(v) for v in found[3].split(b", "))
+        return shape, found[2] == b"True", np.dtype(found[1].decode()), offset
+    buf = io.BytesIO(data)
+    try:
+        np.lib.format.read_magic(buf)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    except ValueError:
+        return None
+    return shape, fortran, dtype, buf.tell()
+
+
 def decode_raw(data: bytes, image: bool = True) -> np.ndarray | None:
     """The pixels of `.npy` bytes: an HxWx3 uint8 image (`image`), else an HxW uint8 or uint16 mask;
     None unless the header says such a C-order array and the bytes after it are exactly that many
     (a cut or padded member is corrupt, not reshaped)."""
-    buf = io.BytesIO(data)
-    try:
-        if np.lib.format.read_magic(buf) != (1, 0):
-            return None
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-    except ValueError:
+    header = _npy_header(data)
+    if header is None:
         return None
+    shape, fortran, dtype, offset = header
     if image:
         ok = dtype == np.uint8 and len(shape) == 3 and shape[2] == 3
     else:
         ok = dtype in (np.uint8, np.uint16) and len(shape) == 2
-    if fortran or not ok or min(shape) < 1 or len(data) - buf.tell() != int(np.prod(shape)) * dtype.itemsize:
+    if fortran or not ok or min(shape) < 1 or len(data) - offset != int(np.prod(shape)) * dtype.itemsize:
         return None
-    return np.frombuffer(data, dtype, offset=buf.tell()).reshape(shape).copy()  # writable, for torch
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape).copy()  # writable, for torch
 
 
 def decode_mask(data: bytes) -> np.ndarray:
@@ -241,6 +263,14 @@ def stray_label(mask: np.ndarray, num_classes: int, ignore_index: int) -> int | 
     at 375x500); `label_counts` gives exact counts where they are kept (the manifest, verify)."""
     if mask.dtype != np.uint8:
         return label_counts(mask, num_classes, ignore_index)[1]
+    # The usual answer, None, from the mask's maximum (one vectorised pass, ~2 us at 384x281 against
+    # ~110 us for the histogram), and where the ignore index is that maximum, a count of the labels
+    # between the classes and it; the histogram only finds which stray label a bad mask holds.
+    top = int(mask.max())
+    if top < num_classes:
+        return None
+    if top == ignore_index and not cv2.countNonZero(cv2.inRange(mask, num_classes, ignore_index - 1)):
+        return None
     present = np.flatnonzero(cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel())
     bad = present[(present >= num_classes) & (present != ignore_index)]
     return int(bad[0]) if bad.size else None

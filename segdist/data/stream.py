@@ -10,7 +10,9 @@ Training: each slot loops over passes forever (lockstep comes from the engine ta
 shard order with (seed, p) and samples with a buffer seeded by (seed, rank, worker, p); sample n of
 a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
 pure function of the seed, and resuming after B batches skips exactly the samples each worker had
-produced, before decoding them. A preset's colour jitter is not applied here: sample n draws its
+produced, before decoding them. With `data.geometry = "device"` the transform is a
+segdist.data.geometry.DeviceGeometry: sample n keeps its stored size and draws its placement from the
+same generator, and the trainer warps the batch on the device. A preset's colour jitter is not applied here: sample n draws its
 factors from (seed, rank, worker, n, 3) and the batch carries them as a third tensor (N x 4), which
 the trainer applies on the device (segdist.data.colour). A preset that shrinks frames first
 (segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their
@@ -44,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.augment import seed_pipeline
 from segdist.data.colour import ColourJitter
+from segdist.data.geometry import DeviceGeometry
 from segdist.data.location import ShardSource
 from segdist.data.sampling import draws
 from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
@@ -210,10 +213,16 @@ class TrainStream(IterableDataset):
 
     def augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
         """Sample n of loader worker `worker` after the CPU pipeline, seeded as the stream seeds it:
-        (image, mask), plus the colour factors when the preset jitters colour."""
-        seed_pipeline(self.transform, int(np.random.default_rng([self.seed, self.rank, worker, n, 2]).integers(1 << 31)))
-        out = self.transform(image=image, mask=mask)
-        sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
+        (image, mask), plus the colour factors when the preset jitters colour. With geometry on the
+        device (`transform` a DeviceGeometry): (stored image, stored mask, its placement matrix, ...)."""
+        rng = np.random.default_rng([self.seed, self.rank, worker, n, 2])
+        if isinstance(self.transform, DeviceGeometry):  # the frame as stored, and where its pixels go
+            sample = (torch.from_numpy(image), mask_tensor(mask),
+                      torch.from_numpy(self.transform.draw(rng, *mask.shape[:2])))
+        else:
+            seed_pipeline(self.transform, int(rng.integers(1 << 31)))
+            out = self.transform(image=image, mask=mask)
+            sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
         if self.colour is None:
             return sample
         return *sample, torch.from_numpy(self.colour.draw(np.random.default_rng([self.seed, self.rank, worker, n, 3])))
@@ -265,33 +274,43 @@ class EvalStream(IterableDataset):
             yield key, torch.from_numpy(image), mask_tensor(mask)
 
 
+def pad_batch(images, masks, ignore_index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (H x W x 3 uint8) and masks of any sizes up to (height, width) in one batch each:
+    images padded with 0 at the bottom and right, masks with the ignore index. Masks stay as small as
+    their labels allow, as `mask_tensor` keeps them: uint8 when every mask is and the ignore index
+    fits, else int32 (an eighth or half of an int64 batch to copy to the device and to count)."""
+    small = 0 <= ignore_index <= 255 and all(m.dtype == torch.uint8 for m in masks)
+    image_batch = torch.zeros(len(images), height, width, 3, dtype=torch.uint8)
+    mask_batch = torch.full((len(masks), height, width), ignore_index, dtype=torch.uint8 if small else torch.int32)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        image_batch[i, : img.shape[0], : img.shape[1]] = img
+        mask_batch[i, : m.shape[0], : m.shape[1]] = m
+    return image_batch, mask_batch
+
+
 def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
     """Batch samples of any size: pad images with 0 and masks with the ignore index up to a
     multiple of `multiple` (what encoders need), so padded pixels never count in metrics. The
     batch is (keys, images, masks, sizes): each sample's own (H, W), so that evaluation can run
-    it at its own padded size, whatever it was batched with. Masks stay as small as their labels
-    allow, as `mask_tensor` keeps them: uint8 when every mask is and the ignore index fits, else
-    int32 (an eighth or half of an int64 batch to copy to the device and to count)."""
+    it at its own padded size, whatever it was batched with (`pad_batch` says how masks are stored)."""
 
     def collate(items):
         keys, images, masks = zip(*items)
         h = max(m.shape[0] for m in masks)
         w = max(m.shape[1] for m in masks)
-        h, w = padded_size(h, w, multiple)
-        small = 0 <= ignore_index <= 255 and all(m.dtype == torch.uint8 for m in masks)
-        image_batch = torch.zeros(len(items), h, w, 3, dtype=torch.uint8)
-        mask_batch = torch.full((len(items), h, w), ignore_index, dtype=torch.uint8 if small else torch.int32)
-        for i, (img, m) in enumerate(zip(images, masks)):
-            image_batch[i, : img.shape[0], : img.shape[1]] = img
-            mask_batch[i, : m.shape[0], : m.shape[1]] = m
+        image_batch, mask_batch = pad_batch(images, masks, ignore_index, *padded_size(h, w, multiple))
         return list(keys), image_batch, mask_batch, [tuple(m.shape) for m in masks]
 
     return collate
 
 
 def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """The stream's batches: stacked crops, or with geometry on the device the stored frames in one
+    canvas and their placements (DeviceGeometry.collate)."""
+    geometry = stream.transform if isinstance(stream.transform, DeviceGeometry) else None
     return DataLoader(
         stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=geometry.collate if geometry is not None else None,
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
         worker_init_fn=init_loader_worker,  # signals are the training process's to handle
     )

@@ -262,6 +262,30 @@ def restore(path: Path, pieces: dict) -> None:
             obj.load_state_dict(torch.load(target, map_location="cpu", weights_only=True))
 
 
+class Pieces(dict):
+    """A run's checkpointed pieces, name -> object with `state_dict` / `load_state_dict`: the one
+    registry that restores a resumed run and that `save_checkpoint` writes. `add` registers pieces as
+    they come into being (None is no piece) and restores each from the checkpoint being resumed, if
+    any; `prepared` puts in the accelerator's wrappers of pieces already there (they save through the
+    wrapper; nothing is restored twice)."""
+
+    def __init__(self, resume_from: Path | None) -> None:
+        super().__init__()
+        self.resume_from = resume_from
+
+    def add(self, **pieces) -> None:
+        new = {name: obj for name, obj in pieces.items() if obj is not None}
+        if self.resume_from is not None:
+            restore(self.resume_from, new)
+        self.update(new)
+
+    def prepared(self, **wrappers) -> None:
+        unknown = set(wrappers) - set(self)
+        if unknown:
+            raise KeyError(f"no registered piece {sorted(unknown)} to wrap")
+        self.update(wrappers)
+
+
 def load_rng_state(path: Path, rank: int) -> dict | None:
     """This rank's saved RNG state (None when the checkpoint was written by fewer ranks)."""
     rng_file = path / f"rng-{rank}.pt"

@@ -244,8 +244,8 @@ class StopSignal:
     SLURM sends SIGTERM to every process of a job it requeues, preempts, cancels or times out
     (SIGKILL follows after KillWait, 30 s by default); slurm/*.sbatch turn their time-limit warning
     into SIGUSR1 for the training processes. The handler only records the signal (`received`): ranks
-    receive it at different moments (or not at all), so the engine sums the flag over ranks in every
-    step's collective (segdist.step.train_step) and all ranks stop after the same step, none left
+    receive it at different moments (or not at all), so the train step sums the flag over ranks in every
+    step's collective (segdist.train.step.train_step) and all ranks stop after the same step, none left
     alone inside a collective.
 
     DataLoader workers must not die of these signals either: see `init_loader_worker`.

@@ -6,7 +6,7 @@ without a traceback; `TrainingDiverged` (too many non-finite steps) exits 3. Bug
 
 Who prints: before the process group forms every rank meets the same user errors, so only the
 main process prints them. An error raised once the group exists (a bad sample, say) may be one
-rank's alone: the engine marks it `per_rank` (`mark_per_rank`) and every rank prints its own,
+rank's alone: the training run marks it `per_rank` (`mark_per_rank`) and every rank prints its own,
 unless it is `alike_on_every_rank` (an agreed divergence).
 
 Recognised by type: every UserError can be rebuilt from its message alone, so torch re-raises

@@ -1,6 +1,6 @@
 """Losses: a weighted sum of terms; cross-entropy terms normalised exactly over the effective batch.
 
-`build_loss` returns a `WeightedSum`. Its contract with the train step (segdist.step.train_step):
+`build_loss` returns a `WeightedSum`. Its contract with the train step (segdist.train.step.train_step):
 
     counts = sum over the window's micro-batches of loss_fn.count(target)   # one number per term
     counts = all-reduce(counts, sum)        # packed into the previous step's one collective
@@ -45,7 +45,7 @@ def _per_device(weights: torch.Tensor | None, cache: dict, device: torch.device)
 
 
 class _ExactTerm:
-    """A per-pixel term whose sum the engine divides by the effective batch's (weighted) count."""
+    """A per-pixel term whose sum the train step divides by the effective batch's (weighted) count."""
 
     exact = True
 

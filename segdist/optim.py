@@ -117,7 +117,7 @@ class RecipeLR(LambdaLR):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LambdaLR:
-    """Stepped once per optimizer step by the engine (never prepared: a prepared scheduler steps
+    """Stepped once per optimizer step by the trainer (never prepared: a prepared scheduler steps
     once per process, docs/design-notes.md). `optimizer.defaults["lr"]` is optim.lr (build_optimizer's default)."""
     if cfg.name not in SCHEDULES:
         raise UserError(f"schedule.name: unknown schedule {cfg.name!r}; valid names: {', '.join(SCHEDULES)}")

@@ -127,3 +127,48 @@ def test_kill_9_of_a_random_rank_never_leaves_an_unreadable_latest(shapes_root, 
     assert final.returncode == 0, final.stderr[-3000:]
     # Five kills later the weights are those of the uninterrupted run, bit for bit.
     assert_same_weights(final_weights(run), reference_weights(2))
+
+
+def test_one_registry_restores_each_piece_as_it_comes_and_saves_them_all(tmp_path):
+    """`Pieces`: what a run saves is what a resume restores, each piece when it comes into being (the
+    GradScaler only once the accelerator made it); wrapped pieces are not restored a second time."""
+    from accelerate import Accelerator
+
+    from segdist.checkpoint import Pieces, save_checkpoint
+    from segdist.train.state import TrainState
+
+    def pieces_of_a_run():
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), TrainState()
+
+    torch.manual_seed(0)
+    model, optimizer, state = pieces_of_a_run()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state.step = 7
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    pieces = Pieces(None)
+    pieces.add(model=model, optimizer=optimizer, trainer=state, ema=None)  # None is no piece
+    pieces.add(scaler=scaler)
+    assert list(pieces) == ["model", "optimizer", "trainer", "scaler"]
+    path = save_checkpoint(Accelerator(cpu=True), tmp_path, "step-7", pieces, "")
+
+    torch.manual_seed(1)
+    model2, optimizer2, state2 = pieces_of_a_run()
+    resumed = Pieces(path)
+    resumed.add(model=model2, optimizer=optimizer2, trainer=state2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert state2.step == 7
+    assert torch.equal(optimizer2.state_dict()["state"][0]["momentum_buffer"],
+                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+    class Wrapper(torch.nn.Module):  # as a prepared model: saved through, never loaded into again
+        def load_state_dict(self, *args, **kwargs):
+            raise AssertionError("a wrapped piece was restored twice")
+
+    resumed.prepared(model=Wrapper())
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=1.0)
+    resumed.add(scaler=scaler2)
+    assert scaler2.get_scale() == 1024.0
+    with pytest.raises(KeyError, match="ema"):
+        resumed.prepared(ema=model2)

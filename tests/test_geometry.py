@@ -131,7 +131,7 @@ def test_the_training_stream_carries_placements_that_land_on_the_device(shapes_r
     from segdist.data.colour import ColourJitter
     from segdist.data.manifest import load_manifest
     from segdist.data.stream import TrainStream, train_loader
-    from segdist.step import on_device
+    from segdist.train.step import on_device
 
     manifest = load_manifest(shapes_root, "train")
     geometry = build_geometry("shapes", (24, 24), IGNORE, {})  # of 32x32 frames

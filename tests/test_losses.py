@@ -1,6 +1,6 @@
 """Losses: term weights combine as stated, ce/bce mean semantics, ignore honoured by every term,
 class weights, errors — and the exact normalisation over accumulation and ranks, shown with two
-real gloo processes running the engine's own train_step."""
+real gloo processes running the trainer's own train_step."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from segdist.distributed import make_accelerator
-    from segdist.step import train_step
+    from segdist.train.step import train_step
     from segdist.precision import Precision
 
     accelerator = make_accelerator(Precision("fp32", "fp32", "test"), ACCUM)

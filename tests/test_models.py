@@ -203,7 +203,7 @@ def test_offline_pretrained_request_fails_fast_without_hf_hub_offline(tiny_recip
     "within 5 s of a process that only imports the same modules"."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import segdist.engine, segmentation_models_pytorch"], cwd=ROOT,
+    subprocess.run([sys.executable, "-c", "import segdist.train, segmentation_models_pytorch"], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=120)
     imports = time.perf_counter() - start
     with SilentServer() as hub:

@@ -22,7 +22,7 @@ def optimizer(lr: float = LR) -> torch.optim.Optimizer:
 
 
 def lrs(scheduler, steps: int) -> list[float]:
-    """The LR each of `steps` optimizer steps uses (as the engine steps it: once per step)."""
+    """The LR each of `steps` optimizer steps uses (as the trainer steps it: once per step)."""
     out = []
     for _ in range(steps):
         out.append(scheduler.get_last_lr()[0])

@@ -118,7 +118,7 @@ def test_recipe_builds_and_takes_two_steps(path):
         masks = torch.randint(0, labels, (accum, 2, 32, 32), generator=g)
         masks[torch.rand(accum, 2, 32, 32, generator=g) < 0.1] = IGNORE
         denominators = loss_fn.denominators(sum(loss_fn.count(m) for m in masks), accum)
-        for x, m in zip(images, masks):  # as segdist.step.train_step, with accelerate's division by accum
+        for x, m in zip(images, masks):  # as segdist.train.step.train_step, with accelerate's division by accum
             loss = loss_fn(model(to_input(x, "cpu")).float(), m, denominators) / accum
             assert torch.isfinite(loss)
             loss.backward()

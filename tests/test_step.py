@@ -6,7 +6,7 @@ from segdist.distributed import make_accelerator
 from segdist.losses import build_loss
 from segdist.precision import Precision
 from segdist.recipe import LossConfig
-from segdist.step import train_step
+from segdist.train.step import train_step
 
 
 def test_a_window_that_does_not_end_an_accumulation_is_refused_before_the_optimizer_steps():
@@ -27,7 +27,7 @@ def test_a_window_that_does_not_end_an_accumulation_is_refused_before_the_optimi
 
 
 def test_the_next_windows_labels_are_cast_once_and_train_the_next_step_as_they_are():
-    from segdist.step import on_device
+    from segdist.train.step import on_device
 
     accelerator = make_accelerator(Precision("fp32", "fp32", "test"), 1)
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def test_the_next_windows_labels_are_cast_once_and_train_the_next_step_as_they_a
 
 
 def test_the_buffer_snapshot_puts_back_the_running_statistics_even_after_the_buffers_were_replaced():
-    from segdist.step import BufferSnapshot
+    from segdist.train.step import BufferSnapshot
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
     snapshot = BufferSnapshot.of(model)
@@ -141,7 +141,7 @@ def test_a_pinned_batch_reaches_the_gpu_without_a_host_sync():
     """The loader pins batches on CUDA; their copies (images through to_input, labels through
     on_device) and the normalisation constants must not make the host wait for the GPU."""
     from segdist.preprocess import to_input
-    from segdist.step import on_device
+    from segdist.train.step import on_device
 
     device = torch.device("cuda", torch.cuda.current_device())
     images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8).pin_memory()

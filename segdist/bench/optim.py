@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from segdist.optim import IMPLEMENTATION_ARGS, build_optimizer
     from segdist.precision import detect_hardware, resolve_precision
     from segdist.recipe import LossConfig, OptimConfig
-    from segdist.step import train_step
+    from segdist.train.step import train_step
 
     require_positive(args, "block", "rounds", "threads")
     precision = resolve_precision("auto")

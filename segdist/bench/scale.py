@@ -3,7 +3,7 @@
 The real training path: `launch/train.py` on a recipe (default the demo's,
 recipes/shapes_unet.toml), reading converted shards through the augmenting stream and its loader,
 each process with --threads torch threads. Every run trains --steps steps with logging every
---steps / 5; the engine's own telemetry (TensorBoard perf/*) gives samples/s and data-wait share,
+--steps / 5; the trainer's own telemetry (TensorBoard perf/*) gives samples/s and data-wait share,
 the first logged window (warm-up) left out. Rounds interleave the world sizes. The data is
 converted once, with the shapes converter, unless --data names a converted root.
 """

@@ -110,7 +110,7 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from segdist.step import train_step
+    from segdist.train.step import train_step
     from segdist.preprocess import to_input
     from segdist.losses import build_loss
     from segdist.models import build_model, prepare_model
@@ -139,7 +139,7 @@ def time_steps(args, accelerator, precision, channels_last: bool = False, compil
         model, optimizer = accelerator.prepare(*fresh())
 
         def block():
-            # As the engine's loop runs it: each step's collective carries the next window's counts.
+            # As the trainer's loop runs it: each step's collective carries the next window's counts.
             for _ in range(args.block):
                 out = train_step(model, optimizer, loss_fn, window, accelerator, 1.0, scaler=accelerator.scaler,
                                  counts=carried["counts"], fetch_next=lambda: window)

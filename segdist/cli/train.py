@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     if args.print_run_dir:
         print(os.path.abspath(recipe.train.run_dir))
         return 0
-    from segdist.engine import train
+    from segdist.train import train
 
     train(recipe, resume=args.resume)
     return 0

@@ -7,7 +7,7 @@ GFLOP per sample trains at 20k-35k samples/s on an H100 (`launch/bench.py feed`,
 Here the loader only reads the stored frame and draws a 2x3 matrix from the sample's own seed (the
 training stream's). The batch holds the frames as stored, padded into one canvas, and the matrices.
 The trainer warps the whole batch on the device before the loss counts its pixels
-(segdist.step.on_device). The same code runs on the CPU in the tests and in CPU training.
+(segdist.train.step.on_device). The same code runs on the CPU in the tests and in CPU training.
 
 A preset's stages (resize, pad, crop, flips, right-angle turns, affine) draw their parameters from the
 same distributions as the CPU pipeline (segdist.data.augment), composed into one map from each output
@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
+from segdist.data.collate import pad_batch
 from segdist.errors import UserError
 
 GEOMETRY = ("cpu", "device")
@@ -213,8 +214,6 @@ class DeviceGeometry:
 
     def collate(self, items: list[tuple[torch.Tensor, ...]]) -> tuple:
         """(frames padded into one canvas, masks likewise, Placement, *colour factors if any)."""
-        from segdist.data.stream import pad_batch
-
         images, masks, matrices, *colour = zip(*items)
         height = max(m.shape[0] for m in masks)
         width = max(m.shape[1] for m in masks)

@@ -147,7 +147,7 @@ def check_crop_fits(manifest: Manifest, crop) -> None:
 def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
                   cache_dir: str | None = None, retries: int = 5) -> Manifest:
     """Read and check `<root>/<split>.json`, from wherever the root is; every problem is a one-line
-    `UserError`. `check_files` checks that a local root's shards exist (remote ones: engine setup,
+    `UserError`. `check_files` checks that a local root's shards exist (remote ones: the training setup,
     `check_reachable`)."""
     remote = is_remote(root)
     root = str(root) if remote else local_root(root)

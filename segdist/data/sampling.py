@@ -17,7 +17,7 @@ A pass still has N draws (N = the split's samples), made as one multinomial draw
 samples from a generator seeded by (seed, pass): the same on every rank and worker. Each slot
 yields its samples as often as they were drawn (0 times: passed over), so the stream stays a
 pure function of the seed: deterministic, position-exact on resume, and in lockstep across ranks
-(the engine takes the same number of batches on every rank, whatever each one read).
+(the trainer takes the same number of batches on every rank, whatever each one read).
 """
 
 from __future__ import annotations

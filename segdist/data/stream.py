@@ -3,9 +3,9 @@
 Both split the shards over "slots" = (rank, DataLoader worker): with S = world x workers slots,
 slot s reads shards[s::S] when there are at least S shards, else it reads every shard and keeps
 every S-th sample. The loaders are NOT passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch
-or re-split the stream); batches are moved to the device by the engine.
+or re-split the stream); batches are moved to the device by the train step.
 
-Training: each slot loops over passes forever (lockstep comes from the engine taking exactly
+Training: each slot loops over passes forever (lockstep comes from the trainer taking exactly
 `steps x grad_accum` batches on every rank, never from the data running out). Pass p shuffles the
 shard order with (seed, p) and samples with a buffer seeded by (seed, rank, worker, p); sample n of
 a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
@@ -49,18 +49,14 @@ from segdist.data.colour import ColourJitter
 from segdist.data.geometry import DeviceGeometry
 from segdist.data.location import ShardSource
 from segdist.data.sampling import draws
-from segdist.data.sample import PAD_MULTIPLE, CorruptSample, ShardError, decode_sample, padded_size, read_shard
+from segdist.data.collate import mask_tensor, pad_collate
+from segdist.data.sample import CorruptSample, ShardError, decode_sample, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
 
 log = logging.getLogger("segdist")
 
 ON_CORRUPT = ("fail", "skip")
-def mask_tensor(mask: np.ndarray) -> torch.Tensor:
-    """uint8 masks stay uint8 (the engine casts on the device); 16-bit ones become int32."""
-    return torch.from_numpy(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
-
-
 def _slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -272,36 +268,6 @@ class EvalStream(IterableDataset):
         for sample in _slot_samples(self.shards, self.rank * workers + worker, self.world * workers):
             key, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
             yield key, torch.from_numpy(image), mask_tensor(mask)
-
-
-def pad_batch(images, masks, ignore_index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (H x W x 3 uint8) and masks of any sizes up to (height, width) in one batch each:
-    images padded with 0 at the bottom and right, masks with the ignore index. Masks stay as small as
-    their labels allow, as `mask_tensor` keeps them: uint8 when every mask is and the ignore index
-    fits, else int32 (an eighth or half of an int64 batch to copy to the device and to count)."""
-    small = 0 <= ignore_index <= 255 and all(m.dtype == torch.uint8 for m in masks)
-    image_batch = torch.zeros(len(images), height, width, 3, dtype=torch.uint8)
-    mask_batch = torch.full((len(masks), height, width), ignore_index, dtype=torch.uint8 if small else torch.int32)
-    for i, (img, m) in enumerate(zip(images, masks)):
-        image_batch[i, : img.shape[0], : img.shape[1]] = img
-        mask_batch[i, : m.shape[0], : m.shape[1]] = m
-    return image_batch, mask_batch
-
-
-def pad_collate(ignore_index: int, multiple: int = PAD_MULTIPLE) -> Callable:
-    """Batch samples of any size: pad images with 0 and masks with the ignore index up to a
-    multiple of `multiple` (what encoders need), so padded pixels never count in metrics. The
-    batch is (keys, images, masks, sizes): each sample's own (H, W), so that evaluation can run
-    it at its own padded size, whatever it was batched with (`pad_batch` says how masks are stored)."""
-
-    def collate(items):
-        keys, images, masks = zip(*items)
-        h = max(m.shape[0] for m in masks)
-        w = max(m.shape[1] for m in masks)
-        image_batch, mask_batch = pad_batch(images, masks, ignore_index, *padded_size(h, w, multiple))
-        return list(keys), image_batch, mask_batch, [tuple(m.shape) for m in masks]
-
-    return collate
 
 
 def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -6,7 +6,7 @@ float64 all-reduce that runs during the last backward, so the ranks wait for eac
 step (in DDP's gradient all-reduce); a step whose loss or gradient is not finite on any rank is
 skipped on every rank and leaves no trace (BatchNorm statistics put back); under fp16 the
 GradScaler's overflow is told apart from a bad step. What the loop does with the outcome is
-segdist.trainer's.
+segdist.train.trainer's.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The training loop: a `Trainer` holds every piece of a run and its typed `TrainState`.
 
 Every stateful piece (model, optimizer, schedule, EMA, GradScaler, the trainer's own counters) is
-registered once in `Trainer.pieces`, a name mapped to an object with `state_dict` /
-`load_state_dict`; `segdist.checkpoint` saves that registry as one atomic checkpoint and restores
-it by name. A new piece of training state is one more entry there.
+registered once, in the run's `segdist.checkpoint.Pieces` (built by segdist.train.setup.build_parts,
+the GradScaler added here once the accelerator made it): the same registry restores a resumed run and
+saves every checkpoint. A new piece of training state is one more entry there.
 
 Ordering rules that a resume's exactness depends on are the code's structure, not comments:
 - `_start_data` makes the loader's iterator and only then restores the checkpoint's RNG state
@@ -15,7 +15,6 @@ Ordering rules that a resume's exactness depends on are the code's structure, no
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,93 +22,31 @@ import torch
 from tqdm import tqdm
 
 from segdist import report
-from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, restore, save_checkpoint, set_rng_state
+from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, save_checkpoint, set_rng_state
 from segdist.data.manifest import Manifest
 from segdist.data.sample import decode_sample, read_shard
 from segdist.data.sampling import class_probabilities
 from segdist.data.stream import TrainStream, train_loader
-from segdist.distributed import loader_workers
-from segdist.errors import TrainingDiverged
+from segdist.distributed import StopSignal, loader_workers
 from segdist.evaluate import evaluate, predict_sample
 from segdist.fileio import atomic_write_text
 from segdist.inference import InferenceMode
 from segdist.metrics import format_table
 from segdist.recipe import Recipe, dumps_toml
-from segdist.step import StepOutcome, train_step
 from segdist.tblog import TensorBoard
+from segdist.telemetry import StepMeter
+from segdist.train.setup import Parts, Setup
+from segdist.train.state import TrainState, metrics_folder
+from segdist.train.step import StepOutcome, train_step
 
 log = logging.getLogger("segdist")
-
-LAYOUT_KEYS = ("world_size", "num_workers", "precision", "precision_reason")
-
-
-@dataclass
-class TrainState:
-    """The trainer's own counters, saved in each checkpoint's state.json."""
-
-    step: int = 0
-    best_miou: float = -1.0
-    bad_steps: int = 0
-    """Steps skipped because the loss or the gradient was not finite (without loss scaling)."""
-    bad_in_a_row: int = 0
-    overflow_steps: int = 0
-    """fp16 steps the GradScaler skipped for an overflow (not bad steps)."""
-    overflow_in_a_row: int = 0
-    layout: dict = field(default_factory=dict)
-    """World size, loader workers and precision: of this run once it started, of the saved run
-    right after a load (a resume on another layout continues, but not bit-identically)."""
-
-    def state_dict(self) -> dict:
-        counters = {k: getattr(self, k) for k in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps",
-                                                  "overflow_in_a_row")}
-        return {**counters, **self.layout}
-
-    def load_state_dict(self, saved: dict) -> None:
-        for name in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps", "overflow_in_a_row"):
-            setattr(self, name, type(getattr(self, name))(saved.get(name, getattr(self, name))))
-        self.layout = {k: saved.get(k) for k in LAYOUT_KEYS}
-
-    def record(self, out: StepOutcome, step: int, max_bad_steps: int) -> None:
-        """Count skipped steps: a bad one (non-finite loss, or gradient without loss scaling) and an
-        fp16 overflow (the GradScaler's own skip, which lowers the scale) are counted apart; an
-        applied step ends both runs. `train.max_bad_steps` in a row of either ends the training."""
-        if out.applied:
-            self.bad_in_a_row = self.overflow_in_a_row = 0
-        elif out.bad:
-            self.bad_steps += 1
-            self.bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit train.max_bad_steps "
-                        "= %d)", step, self.bad_in_a_row, max_bad_steps)
-        else:
-            self.overflow_steps += 1
-            self.overflow_in_a_row += 1
-            if self.overflow_in_a_row > 1:
-                log.warning("step %d: fp16 gradient overflow, update skipped and loss scale lowered (%d in a row, "
-                            "limit train.max_bad_steps = %d)", step, self.overflow_in_a_row, max_bad_steps)
-
-    def diverged(self, max_bad_steps: int) -> bool:
-        """The same on every rank: the flags were summed over ranks by each step's collective."""
-        return max(self.bad_in_a_row, self.overflow_in_a_row) >= max_bad_steps
-
-    def diverged_error(self, step: int, max_bad_steps: int) -> TrainingDiverged:
-        if self.bad_in_a_row >= max_bad_steps:
-            n, what = self.bad_in_a_row, "had a non-finite loss or gradient"
-        else:
-            n, what = self.overflow_in_a_row, "overflowed in fp16 although the GradScaler kept lowering the loss scale"
-        return TrainingDiverged(
-            f"training diverged: steps {step - n + 1}-{step} all {what} (train.max_bad_steps = {max_bad_steps}); their "
-            f"updates were skipped, so checkpoint step-{step} holds the weights of step {step - n}; lower optim.lr"
-            + (" (or use train.precision = \"bf16\" or \"fp32\")" if what.startswith("overflowed") else "")
-            + " and resume with --resume"
-        )
 
 
 class Trainer:
     """One run's pieces, prepared for the accelerator, and the loop over them."""
 
-    def __init__(self, r: Recipe, setup, parts, accelerator, stop, meter) -> None:
-        """`setup` and `parts` are segdist.engine's Setup and Parts (checked and built before the
-        process group formed); `stop` the run's StopSignal, `meter` its StepMeter."""
+    def __init__(self, r: Recipe, setup: Setup, parts: Parts, accelerator, stop: StopSignal, meter: StepMeter) -> None:
+        """`setup` and `parts` were checked and built before the process group formed (segdist.train.setup)."""
         self.r, self.setup, self.accelerator, self.stop, self.meter = r, setup, accelerator, stop, meter
         self.state: TrainState = parts.state
         self.precision = setup.precision
@@ -126,14 +63,9 @@ class Trainer:
         self.scheduler, self.loss_fn, self.ema, self.transform = parts.scheduler, parts.loss_fn, parts.ema, parts.transform
         self.colour, self.reduce_for = parts.colour, parts.reduce_for
         self.scaler = accelerator.scaler  # Accelerate's GradScaler under fp16, else None
-        self.pieces = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                       "trainer": self.state}
-        if self.ema is not None:
-            self.pieces["ema"] = self.ema
-        if self.scaler is not None:
-            self.pieces["scaler"] = self.scaler
-            if setup.resume_from is not None:  # the other pieces were restored before the group formed
-                restore(setup.resume_from, {"scaler": self.scaler})
+        self.pieces = parts.pieces  # restored before the group formed; saved from the prepared wrappers
+        self.pieces.prepared(model=self.model, optimizer=self.optimizer)
+        self.pieces.add(scaler=self.scaler)  # a piece like the others, restored now that it exists
         self.inference = InferenceMode.from_recipe(r)
         self.run_dir = Path(r.train.run_dir)
         self.recipe_toml = dumps_toml(r)
@@ -185,7 +117,7 @@ class Trainer:
         return self._finish(metrics)
 
     def step(self, window: list, counts: list[float] | None, last: bool) -> StepOutcome:
-        """One optimizer step (segdist.step.train_step), the schedule's step, telemetry, counters."""
+        """One optimizer step (segdist.train.step.train_step), the schedule's step, telemetry, counters."""
         r = self.r
         out = train_step(self.model, self.optimizer, self.loss_fn, window, self.accelerator, r.train.clip_grad_norm,
                          scaler=self.scaler, counts=counts, stop_requested=self.stop.received is not None,
@@ -337,11 +269,6 @@ def fixed_samples(manifest: Manifest, count: int) -> list:
                 return out
             out.append(decode_sample(sample, manifest.num_classes, manifest.ignore_index))
     return out
-
-
-def metrics_folder(run_dir: Path, step: int) -> Path:
-    """Where the evaluation at `step` leaves its report (segdist.report.write_report)."""
-    return Path(run_dir) / "metrics" / f"step-{step}"
 
 
 def report_eval(tb: TensorBoard, folder: Path, metrics: dict, classes: list[str], step: int) -> None:

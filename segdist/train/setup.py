@@ -1,16 +1,7 @@
-"""Training: checks a user can fail (before any process group), the run's parts, then the loop
-(segdist.trainer.Trainer, whose step is segdist.step.train_step).
-
-`train(recipe, resume)` is what `launch/train.py` calls. Every rank takes exactly
-`steps x grad_accum` micro-batches from an endless stream, so the ranks stay in lockstep and DDP
-never pairs gradients of different steps (docs/design-notes.md: a stream that runs dry on one rank first
-silently corrupts gradients, then hangs).
-
-Faults: SIGTERM/SIGUSR1 end the run after a step all ranks agree on, with a checkpoint (exit 0;
-`--resume auto` continues it); a step whose loss or gradient is not finite on any rank is skipped
-on all ranks, and `train.max_bad_steps` of them in a row end the run with a checkpoint (exit 3).
-Resuming restores weights, optimizer, schedule, every rank's RNG, the step (and so the data
-position and the TensorBoard step): an interrupted run ends bit-identical to an uninterrupted one.
+"""A training run's setup: the checks a user can fail, before any process group forms and before
+anything is written (`check_run` -> `Setup`), and the run's parts, built from the recipe and restored
+from the checkpoint when resuming (`build_parts` -> `Parts`). segdist.train.run.train hands both to
+the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.checkpoint import latest_checkpoint, restore
+from segdist.checkpoint import Pieces, latest_checkpoint
 from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
 from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
@@ -42,7 +33,7 @@ from segdist.optim import build_optimizer, build_scheduler
 from segdist.precision import Precision, resolve_precision
 from segdist.recipe import Recipe, parse_null
 from segdist.telemetry import StepMeter, flops_per_sample, peak_tflops
-from segdist.trainer import Trainer, TrainState, metrics_folder
+from segdist.train.state import TrainState, metrics_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,6 +163,9 @@ class Parts:
     """The preset's first shrink as a JPEG decode reduction (segdist.data.augment.DecodeReduction), or None."""
     state: TrainState
     """The trainer's counters (from the checkpoint when resuming)."""
+    pieces: Pieces
+    """The checkpointed pieces by name, restored from the checkpoint when resuming; the Trainer adds
+    the GradScaler and saves them all."""
     ema: ModelEMA | None = None
     """EMA of the weights (model.ema_decay > 0): updated by an optimizer hook, evaluated, checkpointed."""
 
@@ -197,62 +191,8 @@ def build_parts(r: Recipe, setup: Setup) -> Parts:
     colour = build_colour(r.data.augment, r.data.augment_args)
     reduce_for = decode_reduction(r.data.augment, tuple(r.data.crop), r.data.augment_args)
     state = TrainState()
-    if setup.resume_from is not None:
-        # Before the process group forms, so a checkpoint that does not fit is one line (the scaler,
-        # which exists only with the Accelerator, is restored by the Trainer).
-        pieces = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": state}
-        restore(setup.resume_from, {**pieces, **({"ema": ema} if ema is not None else {})})
-    return Parts(model, loss_fn, optimizer, scheduler, transform, colour, reduce_for, state, ema)
-
-
-def train(recipe: Recipe, resume: str = "no") -> dict | None:
-    """Train `recipe` (resume: "no", "must" or "auto", see check_run). Returns the final val
-    metrics, or None when a stop signal ended the run early (after a checkpoint)."""
-    setup = check_run(recipe, resume)
-    if setup.finished:
-        return report_finished(setup)
-    parts = build_parts(recipe, setup)
-    stop = StopSignal()  # from here on SIGTERM/SIGUSR1 mean: finish the step, agree, checkpoint, exit 0
-    accelerator = make_accelerator(setup.precision, recipe.train.grad_accum)
-    setup_logging(accelerator.is_main_process)
-    try:
-        meter = make_meter(recipe, setup, accelerator, setup.precision)
-        metrics = Trainer(recipe, setup, parts, accelerator, stop, meter).fit()
-        accelerator.end_training()
-        return metrics
-    except Exception as exc:
-        mark_per_rank(exc)  # the group exists: this error may be this rank's alone
-        run_dir = Path(recipe.train.run_dir)
-        if user_error_of(exc) and setup.creates_run_dir and latest_checkpoint(run_dir) is None:
-            shutil.rmtree(run_dir, ignore_errors=True)  # bad data met mid-run: leave nothing behind
-        raise
-    finally:
-        stop.restore()
-
-
-def make_meter(r: Recipe, setup: Setup, accelerator, precision: Precision) -> StepMeter:
-    """Telemetry of the loop; on CUDA also the model's FLOPs and the device's peak, for MFU."""
-    device = accelerator.device
-    flops = peak = None
-    if device.type == "cuda":
-        if accelerator.is_local_main_process:
-            warning = unused_devices_warning(torch.cuda.device_count(), local_world_size())
-            if warning:
-                log.warning("%s", warning)
-        model_cfg = dataclasses.replace(r.model, encoder_weights=None)
-        flops = flops_per_sample(lambda: build_model(model_cfg, setup.classes), tuple(r.data.crop))
-        peak = peak_tflops(torch.cuda.get_device_name(device), precision.name, r.log.peak_tflops)
-        if flops:
-            log.info("model: %.2f GFLOP per training sample (forward + backward); device peak %s TFLOP/s",
-                     flops / 1e9, peak if peak else "unknown (set log.peak_tflops for MFU)")
-    return StepMeter(accelerator.num_processes, device, flops, peak)
-
-
-def report_finished(setup: Setup) -> dict | None:
-    """A resumed run whose latest checkpoint is at train.steps (a job requeued after its last step)."""
-    run_dir = Path(setup.recipe.train.run_dir)
-    if setup.dist.is_main:
-        print(f"{run_dir} already finished: checkpoint {setup.resume_from.name} is at train.steps = "
-              f"{setup.recipe.train.steps}; nothing to do", flush=True)
-    metrics = metrics_folder(run_dir, setup.start_step) / "metrics.json"
-    return json.loads(metrics.read_text()) if metrics.is_file() else None
+    # Restored before the process group forms, so a checkpoint that does not fit is one line (the
+    # scaler, which exists only with the Accelerator, joins in the Trainer).
+    pieces = Pieces(setup.resume_from)
+    pieces.add(model=model, optimizer=optimizer, scheduler=scheduler, trainer=state, ema=ema)
+    return Parts(model, loss_fn, optimizer, scheduler, transform, colour, reduce_for, state, pieces, ema)

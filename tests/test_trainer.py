@@ -175,14 +175,14 @@ def _scaler_setup(init_scale: float, implementation: str = "fused"):
 
 
 def _state():
-    from segdist.trainer import TrainState
+    from segdist.train.state import TrainState
 
     return TrainState()
 
 
 @pytest.mark.parametrize("implementation", ["fused", "for-loop"])
 def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step(implementation):
-    from segdist.step import train_step
+    from segdist.train.step import train_step
 
     accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(2.0**126, implementation)
     state, before = _state(), [p.detach().clone() for p in model.state_dict().values()]
@@ -204,7 +204,7 @@ def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step(implementation):
 
 
 def test_a_scaler_that_keeps_overflowing_ends_the_run_and_a_nan_loss_is_a_bad_step():
-    from segdist.step import train_step
+    from segdist.train.step import train_step
 
     # An infinite scale stays infinite when backed off: every step overflows.
     accelerator, model, optimizer, scaler, loss_fn, window = _scaler_setup(float("inf"))

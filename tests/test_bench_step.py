@@ -32,12 +32,12 @@ def test_step_bench_in_this_process_times_both_loops(capsys):
 
 
 def test_the_aa_check_puts_a_second_bare_loop_in_segdists_column(capsys, monkeypatch):
-    import segdist.step
+    import segdist.train.step
 
     def not_segdist(*args, **kwargs):
         raise AssertionError("segdist's train_step ran in an A/A check")
 
-    monkeypatch.setattr(segdist.step, "train_step", not_segdist)
+    monkeypatch.setattr(segdist.train.step, "train_step", not_segdist)
     args = build_parser().parse_args(["step", "--aa", "--block", "1", "--rounds", "2", "--size", "32"])
     assert args.run(args) == 0
     out = capsys.readouterr().out.splitlines()

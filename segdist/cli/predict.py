@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from segdist.infer import predict_files
+    from segdist.predict import predict_files
     from segdist.recipe import load_recipe
 
     predict_files(load_recipe(args.recipe, args.overrides), args.checkpoint, args.images, args.out,

@@ -155,15 +155,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(script: str, args: list[str], nproc: int) -> list[str]:
-    """argv that runs the Python file `script` with `nproc` real processes on this node: the
+def launch_command(script: str, args: list[str], nproc: int, module: bool = False) -> list[str]:
+    """argv that runs the Python file `script` (with `module`, the module named `script`, as
+    `python -m` runs it: e.g. "segdist.cli.train") with `nproc` real processes on this node: the
     interpreter itself for one, `accelerate launch --multi_gpu` for several (docs/design-notes.md: `--cpu` would
     start one), which forms a gloo group on CPUs and NCCL on GPUs. Benches and tests use it."""
+    target = ["-m", script] if module else [script]
     if nproc == 1:
-        return [sys.executable, script, *args]
+        return [sys.executable, *target, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), script, *args]
+            "--main_process_port", str(free_port()), *target, *args]
 
 
 def local_world_size() -> int:

@@ -1,4 +1,5 @@
-"""Exact distributed evaluation and the `launch/eval.py` entry point.
+"""Exact distributed evaluation: `evaluate` (the metrics of a model on a split, for the trainer,
+`segdist-eval` and the benches) and `predict_sample` (one frame as evaluation predicts it).
 
 Each rank reads a disjoint part of the split (segdist.data.stream.EvalStream), runs the unwrapped
 model (no DDP collectives in the loop), and counts an int64 confusion matrix at the label's own
@@ -9,14 +10,11 @@ the manifest's valid-pixel total.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from segdist.data.manifest import Manifest
-from segdist.data.sample import decode_sample, pad_image, padded_size, read_shard
+from segdist.data.sample import pad_image, padded_size
 from segdist.data.stream import EvalStream, eval_loader
 from segdist.errors import UserError
 from segdist.metrics import ConfusionMatrix, metrics_from_confusion
@@ -24,7 +22,6 @@ from segdist.inference import InferenceMode, labels
 from segdist.preprocess import to_input
 from segdist.report import image_iou
 
-log = logging.getLogger("segdist")
 
 @torch.no_grad()
 def share_buffers(model: torch.nn.Module, accelerator) -> None:
@@ -113,88 +110,3 @@ def _gather_dicts(part: dict, accelerator) -> dict:
     parts: list = [None] * accelerator.num_processes
     dist.all_gather_object(parts, part)
     return dict(sorted((k, v) for p in parts for k, v in p.items()))
-
-
-def evaluate_checkpoint(recipe, checkpoint: str, split: str | None = None, out: str | None = None,
-                        report_dir: str | None = None, show: int = 0) -> dict:
-    """`launch/eval.py`: load a checkpoint, evaluate a split on every rank, print, write the JSON
-    (`out`), the report folder (`report_dir`: segdist.report.write_report) and strips of the
-    `show` worst samples into it."""
-    from segdist import report
-    from segdist.data.manifest import load_split
-    from segdist.distributed import make_accelerator, setup_logging
-    from segdist.fileio import atomic_write_json
-    from segdist.metrics import format_table
-    from segdist.models import load_trained
-    from segdist.precision import resolve_precision
-
-    if show < 0:
-        raise UserError(f"--show must be a number of samples >= 0, got {show}")
-    if show and report_dir is None:
-        raise UserError("--show N writes its strips into the report folder: give --report DIR too")
-    manifest = load_split(recipe.data, split or recipe.data.val_split, evaluation=True)
-    # Training chose `best` by the EMA copy's mIoU: load_trained prefers the same weights.
-    model, info = load_trained(recipe, checkpoint, manifest)
-    path = info.checkpoint
-    if out is not None and not _writable_parent(out):
-        raise UserError(f"--out {out}: its folder does not exist or is not writable")
-    if report_dir is not None and not _writable_parent(Path(report_dir) / "metrics.json", create=True):
-        raise UserError(f"--report {report_dir}: it is not a folder that can be created and written")
-    accelerator = make_accelerator(resolve_precision(recipe.train.precision))
-    setup_logging(accelerator.is_main_process)
-    model.to(accelerator.device)
-    mode = InferenceMode.from_recipe(recipe)
-    log.info("evaluating %s on split %r (%d samples) with %d processes; %s",
-             path, manifest.split, manifest.num_samples, accelerator.num_processes, mode.describe())
-    metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers, mode,
-                       per_image=bool(show))
-    metrics["checkpoint"] = str(path)
-    if accelerator.is_main_process:
-        print(format_table(metrics, manifest.classes), flush=True)
-        print(f"mIoU {metrics['miou']:.4f} on {metrics['num_samples']} samples, "
-              f"{metrics['valid_pixels']} valid pixels ({accelerator.num_processes} processes)", flush=True)
-        if out is not None:
-            atomic_write_json(out, metrics)
-        if report_dir is not None:
-            report.write_report(report_dir, metrics, manifest.classes)
-            if show:
-                write_worst(Path(report_dir), model.eval(), manifest, metrics["per_image_iou"], show, accelerator, mode)
-            print(f"report in {report_dir}", flush=True)
-    accelerator.end_training()
-    return metrics
-
-
-def write_worst(folder: Path, model, manifest: Manifest, image_ious: dict, count: int, accelerator,
-                mode: InferenceMode) -> list[Path]:
-    """`worst-<i>-<key>.png` in `folder` for the `count` samples of lowest per-image IoU (ties by
-    key): input | truth | prediction | errors, predicted again as evaluation predicted them."""
-    from segdist import report
-
-    worst = sorted(image_ious, key=lambda k: (image_ious[k], k))[:count]
-    rank = {key: i for i, key in enumerate(worst)}
-    written = []
-    for shard in manifest.sources():
-        for sample in read_shard(shard):
-            if sample["__key__"] not in rank:
-                continue
-            key, image, mask = decode_sample(sample, manifest.num_classes, manifest.ignore_index)
-            pred = predict_sample(model, image, accelerator, mode)
-            name = f"worst-{rank[key] + 1:0{len(str(count))}d}-{key.replace('/', '_')}.png"
-            report.write_png(folder / name, report.strip(image, mask, pred, manifest.palette, manifest.ignore_index,
-                                                        errors=True))
-            written.append(folder / name)
-    log.info("the %d worst samples by per-image IoU (%s) drawn in %s", len(worst),
-             ", ".join(f"{k} {image_ious[k]:.3f}" for k in worst[:5]) + (", ..." if len(worst) > 5 else ""), folder)
-    return written
-
-
-def _writable_parent(out: str | Path, create: bool = False) -> bool:
-    """Whether `out` can be written: its folder exists and is writable, or (`create`) the nearest
-    existing folder above it is."""
-    import os
-
-    parent = Path(out).resolve().parent
-    if create:
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-    return parent.is_dir() and os.access(parent, os.W_OK)

@@ -1,6 +1,6 @@
 """ONNX export of a trained model: `launch/export.py RECIPE --checkpoint RUN --out model.onnx`.
 
-The model comes back through `segdist.infer.load_predictor` (so `segdist.models.load_trained`:
+The model comes back through `segdist.predict.load_predictor` (so `segdist.models.load_trained`:
 EMA weights preferred, class names and palette from the val manifest) and is exported with the
 ImageNet normalisation inside the graph:
 
@@ -86,7 +86,7 @@ def export_onnx(recipe, checkpoint: str, out: str, opset: int = DEFAULT_OPSET, s
     the graph takes (batch stays dynamic)."""
     onnx, ort = _onnx_modules()
     from segdist.fileio import atomic_write_bytes
-    from segdist.infer import load_predictor
+    from segdist.predict import load_predictor
 
     out_path = Path(out)
     if out_path.suffix != ".onnx":

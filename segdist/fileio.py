@@ -1,4 +1,5 @@
-"""Atomic writes: a temporary file beside the target, fsync, then `os.replace`."""
+"""Atomic writes: a temporary file beside the target, fsync, then `os.replace`. And the one check
+that a folder takes files before a command starts writing (`unwritable`, `check_writable`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from segdist.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -58,3 +61,35 @@ class AtomicFile:
         if not self._file.closed:
             self._file.close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+def unwritable(folder: str | os.PathLike, create: bool = False) -> str | None:
+    """Why no file can be written into `folder`, or None when one can. `folder` must be an existing
+    folder; with `create`, a folder that does not exist yet is judged by the nearest existing one
+    above it (where it would be created). The test is a real one: a temporary probe file is made
+    there and removed at once, so nothing is left behind. The reason is a few words to put in a
+    message: "<path> does not exist", "<path> is a file", or the OSError's own ("Permission
+    denied", "Read-only file system")."""
+    existing = Path(folder).absolute()
+    if create:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    if not existing.exists():
+        return f"{existing} does not exist"
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".segdist-probe-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def check_writable(folder: str | os.PathLike, what: str, create: bool = False) -> None:
+    """`unwritable` as a one-line `UserError` naming `what` (the recipe key or option that gave
+    `folder`) and the folder as given: "train.run_dir runs/a is not writable (Permission denied);
+    choose another folder"."""
+    reason = unwritable(folder, create)
+    if reason is not None:
+        raise UserError(f"{what} {folder} is not writable ({reason}); choose another folder")

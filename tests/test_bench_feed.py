@@ -2,13 +2,12 @@
 the converter's own steps, every stage timed, and the cores a GPU needs computed from the FLOPs."""
 
 import json
-import re
 
 import pytest
 
 from conftest import ROOT
 from segdist.bench import build_parser
-from segdist.bench.feed import BEFORE, STAGES, gpu_rates, storage_of, write_tier
+from segdist.bench.feed import BEFORE, STAGES, gpu_rates, shipped_recipes, storage_of, write_tier
 from segdist.data.convert import build_parser as shard_parser
 from segdist.data.manifest import load_manifest
 from segdist.errors import UserError
@@ -80,3 +79,10 @@ def test_unknown_recipe_file_is_a_user_error(tmp_path):
     args = build_parser().parse_args(["feed", str(tmp_path / "nope.toml")])
     with pytest.raises(UserError, match="nope.toml not found"):
         args.run(args)
+
+
+def test_the_default_list_is_the_repositorys_recipes_and_without_them_one_line(tmp_path):
+    assert ROOT / "recipes" / "shapes_unet.toml" in shipped_recipes()
+    with pytest.raises(UserError, match=r"^bench feed: no recipes/\*\.toml in .*: pass the recipe files") as caught:
+        shipped_recipes(tmp_path)
+    assert "\n" not in str(caught.value)

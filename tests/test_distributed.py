@@ -45,6 +45,10 @@ def test_launch_command_runs_one_process_plainly_and_several_through_accelerate(
     several = launch_command("x.py", ["--a"], 3)
     assert several[:6] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3"]
     assert several[-2:] == ["x.py", "--a"] and "--main_process_port" in several
+    # a module, as `python -m` runs it (accelerate's launcher takes -m/--module)
+    assert launch_command("segdist.cli.train", ["r.toml"], 1, module=True) == [
+        sys.executable, "-m", "segdist.cli.train", "r.toml"]
+    assert launch_command("segdist.cli.train", ["r.toml"], 2, module=True)[-3:] == ["-m", "segdist.cli.train", "r.toml"]
 
 
 def test_start_sum_without_a_group_gives_the_tensor_back_unchanged():

@@ -168,26 +168,3 @@ def test_a_frame_is_predicted_alike_whatever_it_is_batched_with(tmp_path):
         one = evaluate(model, manifest, accelerator, 1, 0, mode)
         many = evaluate(model, manifest, accelerator, 5, 0, mode)
         assert one["confusion_matrix"] == many["confusion_matrix"] and one["valid_pixels"] == manifest.valid_pixels
-
-
-def test_show_needs_a_report_folder(tiny_recipe, tmp_path):
-    from segdist.errors import UserError
-    from segdist.evaluate import evaluate_checkpoint
-
-    with pytest.raises(UserError, match="--report DIR"):
-        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), show=3)
-    with pytest.raises(UserError, match="--show must be"):
-        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), report_dir=str(tmp_path / "r"), show=-1)
-    assert not (tmp_path / "r").exists()
-
-
-def test_a_report_folder_that_cannot_be_made_is_one_line(trained_run, tmp_path):
-    from segdist.errors import UserError
-    from segdist.evaluate import evaluate_checkpoint
-
-    recipe, run = trained_run
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    with pytest.raises(UserError, match=r"--report .*file/r: it is not a folder that can be created"):
-        evaluate_checkpoint(load_recipe(recipe), str(run), report_dir=str(blocker / "r"))
-    assert blocker.read_text() == "not a folder"

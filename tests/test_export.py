@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_RECIPE, launch
 from segdist.errors import UserError
 from segdist.export import MAX_ABS_DIFF, _size_error, export_onnx
-from segdist.infer import load_predictor
+from segdist.predict import load_predictor
 from segdist.preprocess import MEAN, STD
 from segdist.recipe import load_recipe
 

@@ -49,3 +49,54 @@ def test_an_atomic_file_appears_whole_on_commit_and_never_on_discard(tmp_path):
     assert target.read_bytes() == b"1234"
     b.discard()
     assert [p.name for p in target.parent.iterdir()] == ["a.tar"]
+
+
+def test_a_folder_is_writable_when_a_probe_file_can_be_made_there_and_none_is_left(tmp_path):
+    from segdist.errors import UserError
+    from segdist.fileio import check_writable, unwritable
+
+    (tmp_path / "out").mkdir()
+    assert unwritable(tmp_path / "out") is None and list((tmp_path / "out").iterdir()) == []
+    # not there yet: judged by the folder it would be created in (create), else refused
+    assert unwritable(tmp_path / "new" / "deeper", create=True) is None and not (tmp_path / "new").exists()
+    assert unwritable(tmp_path / "new") == f"{tmp_path / 'new'} does not exist"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert unwritable(blocker / "run", create=True) == f"{blocker} is a file"
+    assert unwritable(blocker) == f"{blocker} is a file"
+    with pytest.raises(UserError) as caught:
+        check_writable(blocker / "run", "train.run_dir", create=True)
+    assert str(caught.value) == (f"train.run_dir {blocker / 'run'} is not writable ({blocker} is a file); "
+                                 "choose another folder")
+    check_writable(tmp_path / "out", "--report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "out"] and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_folder_is_not_writable_and_says_why(tmp_path):
+    from segdist.errors import UserError
+    from segdist.fileio import check_writable, unwritable
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert unwritable(locked) == "Permission denied"
+        assert unwritable(locked / "run", create=True) == "Permission denied"
+        with pytest.raises(UserError, match=r"^--report .*locked/r is not writable \(Permission denied\)"):
+            check_writable(locked / "r", "--report", create=True)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_the_reason_is_the_probes_own_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from segdist.fileio import unwritable
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert unwritable(tmp_path) == "Read-only file system"
+    assert unwritable(tmp_path / "a" / "b", create=True) == "Read-only file system"

@@ -243,6 +243,16 @@ def gpu_rates(flops: float | None, mfu: float) -> dict[str, float | None]:
     return {gpu: (None if not flops else mfu * peak_tflops(gpu, "bf16") * 1e12 / flops) for gpu in ("H100", "A100")}
 
 
+def shipped_recipes(root: Path = Path(__file__).resolve().parents[2]) -> list[Path]:
+    """The default list: every recipes/*.toml of the repository holding this package; a
+    `UserError` where there is none (an installed package without the repository)."""
+    paths = sorted((root / "recipes").glob("*.toml"))
+    if not paths:
+        raise UserError(f"bench feed: no recipes/*.toml in {root} (the repository's recipes folder) to take by "
+                        "default: pass the recipe files to time (segdist-bench feed RECIPE.toml ...)")
+    return paths
+
+
 def run_feed(args: argparse.Namespace) -> int:
     from segdist.precision import cpu_model
     from segdist.recipe import load_recipe
@@ -250,8 +260,7 @@ def run_feed(args: argparse.Namespace) -> int:
     require_positive(args, "frames", "passes")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
-    root_dir = Path(__file__).resolve().parents[2] / "recipes"
-    paths = [Path(p) for p in args.recipes] or sorted(root_dir.glob("*.toml"))
+    paths = [Path(p) for p in args.recipes] or shipped_recipes()
     for path in paths:
         if not path.is_file():
             raise UserError(f"recipe {path} not found")

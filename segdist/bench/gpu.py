@@ -8,7 +8,7 @@
    maps, counted by ConfusionMatrix on the GPU (scatter_add_, no host sync) and again on the CPU
    (bincount) from the same predictions: the two matrices must be identical.
 3. One checkpoint, evaluated on the GPU and on the CPU: shapes scenes converted here, a short
-   training on the device (`launch/train.py`), then `launch/eval.py` on the GPU and with
+   training on the device (segdist.cli.train), then segdist.cli.eval on the GPU and with
    CUDA_VISIBLE_DEVICES="" on the CPU, both at train.precision = "fp32" and with TF32 off
    (NVIDIA_TF32_OVERRIDE=0), so the float kernels are as close as they come. Counting is exact on both (check 2); a pixel whose
    top two logits differ by less than the kernels' rounding can still flip, so the bench prints
@@ -130,13 +130,13 @@ def eval_check(args) -> str:
         sets = [f"data.root={data}", "data.val_root=null", f"train.run_dir={run_dir}", f"train.steps={args.train_steps}",
                 f"train.ckpt_every={args.train_steps}", "train.eval_every=0", "log.images=0"]
         train = [a for s in sets for a in ("--set", s)]
-        _check_run(launch_command(str(ROOT / "launch" / "train.py"), [recipe, *train], 1), env, "training")
+        _check_run(launch_command("segdist.cli.train", [recipe, *train], 1, module=True), env, "training")
         metrics = {}
         for where, visible in (("device", env.get("CUDA_VISIBLE_DEVICES")), ("cpu", "")):
             out = Path(tmp) / f"eval-{where}.json"
-            argv = launch_command(str(ROOT / "launch" / "eval.py"), [
+            argv = launch_command("segdist.cli.eval", [
                 recipe, "--checkpoint", str(run_dir), "--out", str(out), "--set", f"data.root={data}", "--set", "data.val_root=null",
-                "--set", "train.precision=fp32"], 1)
+                "--set", "train.precision=fp32"], 1, module=True)
             run_env = {**env, **({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {})}
             _check_run(argv, run_env, f"eval on the {where}")
             metrics[where] = json.loads(out.read_text())

@@ -1,6 +1,6 @@
 """`launch/bench.py scale`: training samples/s at 1 process against 2 (or any world sizes).
 
-The real training path: `launch/train.py` on a recipe (default the demo's,
+The real training path: the train command (segdist.cli.train) on a recipe (default the demo's,
 recipes/shapes_unet.toml), reading converted shards through the augmenting stream and its loader,
 each process with --threads torch threads. Every run trains --steps steps with logging every
 --steps / 5; the trainer's own telemetry (TensorBoard perf/*) gives samples/s and data-wait share,
@@ -79,7 +79,7 @@ def train_once(recipe: str, data: Path, run_dir: Path, steps: int, nproc: int, t
     every = max(1, steps // 5)
     sets = [f"data.root={data}", "data.val_root=null", f"train.run_dir={run_dir}", f"train.steps={steps}", "train.eval_every=0",
             f"train.ckpt_every={steps}", f"log.every={every}", "log.images=0", *overrides]
-    argv = launch_command(str(ROOT / "launch" / "train.py"), [recipe, *[a for s in sets for a in ("--set", s)]], nproc)
+    argv = launch_command("segdist.cli.train", [recipe, *[a for s in sets for a in ("--set", s)]], nproc, module=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +19,9 @@ from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
 from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
-from segdist.distributed import (DistContext, StopSignal, launch_context, local_world_size, make_accelerator,
-                                 setup_logging, unused_devices_warning)
-from segdist.errors import UserError, mark_per_rank, user_error_of
+from segdist.distributed import DistContext, launch_context
+from segdist.errors import UserError
+from segdist.fileio import check_writable
 from segdist.inference import InferenceMode
 from segdist.losses import build_loss
 from segdist.models import build_model, check_batch_norms_train, prepare_model, resolve_classes
@@ -32,15 +29,13 @@ from segdist.models.ema import ModelEMA
 from segdist.optim import build_optimizer, build_scheduler
 from segdist.precision import Precision, resolve_precision
 from segdist.recipe import Recipe, parse_null
-from segdist.telemetry import StepMeter, flops_per_sample, peak_tflops
-from segdist.train.state import TrainState, metrics_folder
+from segdist.train.state import TrainState
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-log = logging.getLogger("segdist")
 
 
 @dataclass
@@ -96,7 +91,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     for manifest in (train_m, val_m):
         check_reachable(manifest)
     run_dir = Path(recipe.train.run_dir)
-    check_writable(run_dir)
+    check_writable(run_dir, "train.run_dir", create=True)
     latest = latest_checkpoint(run_dir)
     if resume == "must" and latest is None:
         raise UserError(f"--resume: no complete checkpoint in {run_dir}/checkpoints; start without --resume")
@@ -109,20 +104,6 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     start = check_resumable(resume_from, recipe) if resume_from is not None else 0
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
                  precision=precision, dist=dist, draws=draws)
-
-
-def check_writable(run_dir: Path) -> None:
-    """The run folder, or the folder it would be created in, takes files; nothing is left behind."""
-    existing = run_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing, prefix=".segdist-probe-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"train.run_dir {run_dir} is not writable ({exc.strerror}); choose another folder") from None
 
 
 def check_resumable(path: Path, recipe: Recipe) -> int:

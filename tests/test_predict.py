@@ -1,7 +1,8 @@
-"""launch/predict.py and segdist.infer on real checkpoints of short real trainings: conftest's 4-class
-smp model (`trained_run`) and a binary own-UNet with EMA weights trained here on a 2-class shapes
-split. Every probability is compared with a forward pass this test computes itself (its own
-padding and ImageNet normalisation), on a grayscale PNG and an RGB PNG of sizes that need padding."""
+"""segdist.predict and the predict command (launch/predict.py, segdist.cli.predict) on real
+checkpoints of short real trainings: conftest's 4-class smp model (`trained_run`) and a binary
+own-UNet with EMA weights trained here on a 2-class shapes split. Every probability is compared
+with a forward pass this test computes itself (its own padding and ImageNet normalisation), on a
+grayscale PNG and an RGB PNG of sizes that need padding."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from conftest import launch
 from segdist.checkpoint import resolve_checkpoint
 from segdist.data.shapes import PALETTE
 from segdist.errors import UserError
-from segdist.infer import load_predictor, predict_files, predict_probabilities
+from segdist.cli.predict import predict_files
+from segdist.predict import load_predictor, predict_probabilities
 from segdist.models import build_model
 from segdist.recipe import load_recipe
 from test_convert_cityscapes import FRAMES, make_cityscapes

@@ -1,0 +1,195 @@
+"""Prediction from Python: a trained model, loaded once (`load_predictor`), on one image at a time
+(`predict_probabilities`, `label_map`). The `segdist-predict` command (segdist.cli.predict) writes
+its files with these functions.
+
+An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
+palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as the birds assignment's grayscale images needed.
+It goes through the model one at a time, in eval mode and fp32, the way evaluation runs frames
+(segdist.inference): the recipe's `[eval]` mode (whole, slide or resize, with its scales and flip),
+or resized to `size` — the training scale — with the scores resized back to the original size
+(bilinear). Padding is black, to a multiple of 32, as the eval loader pads.
+
+The model comes from `segdist.models.load_trained`, as evaluation loads it: built without
+pretrained encoder weights (the checkpoint holds every weight), its EMA copy preferred when the
+checkpoint has one. Class names and palette come from the manifest of the recipe's val split when
+it exists; without the data folder generic names and the VOC palette stand in, and the number of
+outputs then comes from `model.classes` alone.
+
+The probabilities are float32 HxW (sigmoid) for a one-logit model and CxHxW (softmax) otherwise,
+at the image's original size; `label_map` makes class ids of them (prob > threshold; argmax).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from segdist import inference
+from segdist.data.sample import to_uint8
+from segdist.inference import InferenceMode
+from segdist.errors import UserError
+from segdist.models.trained import BINARY_CLASSES
+from segdist.preprocess import normalise
+
+log = logging.getLogger("segdist")
+
+DEFAULT_THRESHOLD = 0.5
+"""Binary label map: probability > threshold (0.5 is the eval's logit > 0)."""
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class Predictor:
+    """A loaded model and what is needed to write its predictions."""
+
+    model: nn.Module
+    """In eval mode, on `device`, with the checkpoint's (EMA) weights."""
+    outputs: int
+    """Logits of the model: 1 = binary (sigmoid), else one per class (softmax)."""
+    classes: list[str]
+    """Class names, from the val manifest or generic."""
+    palette: list[list[int]]
+    """RGB colour per class (of the colour map and the overlay)."""
+    ignore_index: int
+    checkpoint: Path
+    device: torch.device
+
+    @property
+    def binary(self) -> bool:
+        return self.outputs == 1
+
+    mode: InferenceMode = InferenceMode()
+    """How images go through the model (the recipe's `[eval]` mode) when no size is given."""
+
+    def predict_probabilities(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
+        """`predict_probabilities(self.model, image, size, self.mode)`."""
+        return predict_probabilities(self.model, image, size, self.mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> Predictor:
+    """The recipe's model with a checkpoint's weights (EMA ones when it has them), ready to predict.
+
+    `recipe` is a Recipe or the path of a recipe file; `checkpoint` a run folder (its best, else
+    its latest checkpoint) or one `checkpoints/step-N` folder; `device` defaults to CUDA if there
+    is one, else the CPU.
+    """
+    from segdist.models import load_trained
+    from segdist.recipe import load_recipe
+
+    if not hasattr(recipe, "model"):
+        recipe = load_recipe(recipe)
+    model, info = load_trained(recipe, checkpoint)
+    if info.manifest is not None:
+        m = info.manifest
+        classes, palette, ignore_index = m.classes, m.palette, m.ignore_index
+    else:
+        classes = list(BINARY_CLASSES) if info.outputs == 1 else [f"class_{i}" for i in range(info.outputs)]
+        palette, ignore_index = default_palette(len(classes)), 255
+        log.info("no manifest of split %r in %s: generic class names and palette", recipe.data.val_split,
+                 recipe.data.eval_root)
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device).eval()
+    return Predictor(model, info.outputs, list(classes), [list(c) for c in palette], ignore_index, info.checkpoint,
+                     device, InferenceMode.from_recipe(recipe))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC colour map for `n` classes (what folder datasets get at conversion)."""
+    from segdist.data.convert.imageio import voc_palette
+
+    return voc_palette(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and the forward pass
+
+def read_image(image: ImageLike) -> np.ndarray:
+    """HxWx3 uint8 RGB from a file path, a PIL image or an array (HxW, HxWx1/3/4, uint8 or uint16).
+
+    Files and PIL images follow the converters' rules (segdist.data.convert.imageio): gray,
+    palette, RGBA (alpha dropped), CMYK and 16-bit (scaled to 8 bits) become RGB; a file that does
+    not decode is a `UserError` naming it.
+    """
+    from segdist.data.convert import imageio
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"image {path} not found: give the path of an image file")
+        return imageio.load_image(path).rgb
+    if isinstance(image, Image.Image):
+        return imageio.to_rgb(image, Path(getattr(image, "filename", "") or "<PIL image>"))
+    arr = np.asarray(image)
+    if arr.dtype == np.uint16:
+        arr = to_uint8(arr)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 or uint16, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+@torch.no_grad()
+def forward_scores(model: nn.Module, rgb: np.ndarray, mode: InferenceMode) -> torch.Tensor:
+    """1xKxHxW scores of an HxWx3 uint8 image at its own size H, W (on the model's device), through
+    segdist.inference as evaluation runs it: logits for a single pass, mean probabilities with
+    test-time augmentation."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float()
+    return inference.scores(model, normalise(x), mode)
+
+
+def to_probabilities(scores: torch.Tensor, mode: InferenceMode) -> np.ndarray:
+    """1xKxHxW scores → float32 HxW sigmoid (one logit) or KxHxW softmax, on the CPU."""
+    prob = scores if mode.tta else inference.probabilities(scores)
+    return (prob[0, 0] if prob.shape[1] == 1 else prob[0]).cpu().numpy()
+
+
+def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None,
+                          mode: InferenceMode | None = None) -> np.ndarray:
+    """Probability map of one image at its original size, as the birds assignment's `predict(model, img_path)`:
+    float32 HxW (probability of the foreground) for a one-logit model, CxHxW (softmax) otherwise.
+
+    `image` is a file path, a PIL image or an array; `size` (H, W) resizes it for the forward pass
+    (the scale the model was trained at: "resize" mode); otherwise `mode` (segdist.inference; a
+    Predictor passes its recipe's `[eval]` mode) or the whole image. The model runs in eval mode
+    under no_grad on its device (its train/eval mode is restored after). E.g.
+    `predict_probabilities(load_predictor(recipe, run).model, "bird.jpg")`.
+    """
+    if size is not None:
+        mode = InferenceMode("resize", crop=tuple(int(v) for v in size))
+    mode = mode or InferenceMode()
+    rgb = read_image(image)
+    was_training = model.training
+    model.eval()
+    try:
+        return to_probabilities(forward_scores(model, rgb, mode), mode)
+    finally:
+        model.train(was_training)
+
+
+def label_map(prob: np.ndarray, threshold: float, num_classes: int) -> np.ndarray:
+    """Class ids from `predict_probabilities`' output: prob > threshold (binary), else argmax over classes."""
+    if prob.ndim == 2:
+        return (prob > threshold).astype(np.uint8)
+    return prob.argmax(axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)

@@ -194,6 +194,17 @@ def unknown_augmentation(c: Ctx) -> Case:
 
 
 @case
+def unknown_geometry_place(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "data.geometry=gpu"), ("data.geometry", "gpu", "device"), absent=(c.run,))
+
+
+@case
+def blur_asked_of_device_geometry(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "data.augment=ph2", "--set", "data.geometry=device"),
+                ("data.geometry", "p_blur", "data.augment_args.p_blur = 0"), absent=(c.run,))
+
+
+@case
 def pretrained_weights_offline(c: Ctx) -> Case:
     # HF_HUB_OFFLINE=1 (conftest): no hub here, and none on many clusters' compute nodes.
     return Case(train(c.recipe(), "--set", "model.encoder_weights=imagenet"), ("model.encoder_weights", "imagenet"),

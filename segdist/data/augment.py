@@ -235,7 +235,8 @@ def build_augment(name: str, crop: tuple[int, int], ignore_index: int, args: dic
 
 def resolved_params(name: str, args: dict | None) -> dict[str, Any]:
     """Every parameter of the preset: its defaults, overridden by `args` (checked)."""
-    return {**preset_params(name), **check_augment(name, args or {})}
+    checked = check_augment(name, args or {})  # an unknown preset is named here first
+    return {**preset_params(name), **checked}
 
 
 def build_colour(name: str, args: dict | None = None) -> ColourJitter | None:

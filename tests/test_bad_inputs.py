@@ -604,6 +604,7 @@ def test_the_corpus_is_large_enough():
     assert len(CASES) >= 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, outcomes):
     o = outcomes[name]

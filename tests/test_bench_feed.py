@@ -51,6 +51,7 @@ def test_gpu_rates_are_mfu_times_peak_over_flops():
     assert gpu_rates(None, 0.4) == {"H100": None, "A100": None}
 
 
+@pytest.mark.slow
 def test_feed_prints_a_row_per_recipe_with_its_stages(capsys, tmp_path):
     recipes = [str(ROOT / "recipes" / name) for name in ("cityscapes_unet.toml", "ph2_unet.toml")]
     args = build_parser().parse_args(["feed", *recipes, "--frames", "2", "--passes", "1", "--workdir", str(tmp_path)])

@@ -19,6 +19,7 @@ def test_without_a_gpu_it_is_one_line_and_exit_2():
     assert "--device cpu" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_same_checks_run_on_the_cpu(capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     args = build_parser().parse_args(["gpu", "--device", "cpu", "--model", "demo", "--size", "32", "--batch", "4",

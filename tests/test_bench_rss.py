@@ -2,6 +2,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from segdist.bench import build_parser
 
@@ -9,6 +11,7 @@ TINY = ["data", "--rss", "--rss-counts", "16", "48", "--rss-size", "16", "16", "
         "--workers", "1", "--rounds", "1", "--samples-per-shard", "8"]
 
 
+@pytest.mark.slow
 def test_rss_bench_measures_every_split_through_the_loader(capsys, tmp_path):
     args = build_parser().parse_args([*TINY, "--workdir", str(tmp_path)])
     assert args.run(args) == 0

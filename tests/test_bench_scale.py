@@ -6,6 +6,7 @@ from segdist.bench import build_parser
 from segdist.errors import UserError
 
 
+@pytest.mark.slow
 def test_scale_bench_trains_one_and_two_processes_on_the_real_path(capsys):
     args = build_parser().parse_args(["scale", "--steps", "10", "--count", "64", "--set", "data.batch_size=4",
                                       "--set", "data.crop=[32,32]"])

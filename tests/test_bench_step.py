@@ -46,6 +46,7 @@ def test_the_aa_check_puts_a_second_bare_loop_in_segdists_column(capsys, monkeyp
     assert seg > 0 and bare > 0 and paired > 0
 
 
+@pytest.mark.slow
 def test_a_launched_aa_check_passes_aa_to_its_child(capsys):
     args = build_parser().parse_args(["step", "--aa", "--processes", "1", "--block", "1", "--rounds", "1", "--size", "32"])
     assert args.run(args) == 0
@@ -64,6 +65,7 @@ def test_the_paired_ratio_is_the_median_of_the_rounds_back_to_back_ratios():
     assert min(r["bare"] for r in rounds) / min(r["segdist"] for r in rounds) == pytest.approx(0.97)
 
 
+@pytest.mark.slow
 def test_step_bench_launches_one_and_two_processes(capsys):
     # the 2-process row runs segdist's DDP step against plain DistributedDataParallel over gloo
     args = build_parser().parse_args(["step", "--processes", "1", "2", "--block", "1", "--rounds", "1", "--size", "32"])

@@ -41,6 +41,7 @@ def test_help_from_the_console_script(name):
     assert result.returncode == 0 and result.stdout.startswith("usage: "), result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_of_the_module_trains_with_two_processes(shapes_root, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(root=shapes_root, run_dir=tmp_path / "run"))

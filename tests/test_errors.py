@@ -25,6 +25,7 @@ class Failing(IterableDataset):
 @pytest.mark.parametrize("error", [CorruptSample("k1", "train-000000.tar", "has a mask that does not decode"),
                                    ShardError("train-000001.tar", 3, "unexpected end of data"),
                                    UserError("plain message")])
+@pytest.mark.slow
 def test_a_user_error_from_a_loader_worker_keeps_its_type_and_its_line(error):
     with pytest.raises(UserError) as caught:
         next(iter(DataLoader(Failing(error), batch_size=None, num_workers=1)))
@@ -79,6 +80,7 @@ def test_a_bug_keeps_its_traceback():
     assert torch.__version__  # the suite's torch, imported with segdist
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_gloo_group_exits_2_on_every_rank_not_by_a_signal(tmp_path):
     # Exiting with the gloo group alive aborted at shutdown (SIGABRT) in about half the processes
     # (6 of 6 two-rank launches failed so before the fix): three launches show it. And a rank whose

@@ -136,6 +136,7 @@ def test_sliding_window_with_tta_is_exact_for_any_world_size(trained_run, tmp_pa
         assert np.array_equal(np.array(metrics["confusion_matrix"], dtype=np.int64), reference), world
 
 
+@pytest.mark.slow
 def test_a_frame_is_predicted_alike_whatever_it_is_batched_with(tmp_path):
     """Frames of different sizes: each runs at its own padded size, so the batch (which changes with
     the world size) cannot change its prediction; whole and slide alike."""

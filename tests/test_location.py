@@ -133,6 +133,7 @@ def test_an_fsspec_root_is_read_through_fsspec(shapes_root):
         fs.rm("/splits", recursive=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_a_url_exactly_as_from_the_folder(shapes_root, tmp_path, reference_weights):
     """The exact-resume recipe (2 processes, a DataLoader worker each, evaluations in between) from
     http://127.0.0.1, with the connection cut once in the middle of a training shard: the final
@@ -149,6 +150,7 @@ def test_two_processes_train_from_a_url_exactly_as_from_the_folder(shapes_root, 
     assert {p.name for p in (tmp_path / "cache").iterdir()} >= {f"{s['sha256']}.tar" for s in manifest["shards"]}
 
 
+@pytest.mark.slow
 def test_eval_from_a_url_counts_the_same_confusion_matrix(trained_run, shapes_root, tmp_path):
     recipe, run = trained_run
     local = tmp_path / "local.json"

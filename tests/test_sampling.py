@@ -133,6 +133,7 @@ def test_rare_class_needs_the_per_sample_classes(rare_split):
         DataConfig(rare_class_temperature=0)
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_rare_class_sampling(tiny_recipe):
     from conftest import launch
 

@@ -15,8 +15,8 @@ import torch
 CHUNK = 1 << 17
 """Pixels the CPU count bins at a time: its two int32 buffers (1 MiB) stay in a core's L2 cache
 (1 MiB on Zen 4, 2 MiB on Sapphire Rapids), and each chunk's fixed cost of about 17 us (seven
-small ops) is paid 16 times for a 4x512x1024 update, not 32: 3.2-3.5 -> 2.9 ms on a 2-core AMD
-EPYC, AVX512 (BENCHMARKS.md)."""
+small ops) is paid 16 times for a 4x512x1024 update, not 32 (`launch/bench.py metric`: 2.9 ms for
+that update on a 2-core AMD EPYC, AVX512, BENCHMARKS.md)."""
 
 
 class ConfusionMatrix:
@@ -55,7 +55,7 @@ class ConfusionMatrix:
         sync, so a label outside [0, n) that is not the ignore index still fails loudly.
 
         It goes in chunks of CHUNK pixels through two reused int32 buffers that stay in the core's
-        cache: 8.2 -> 6.0 ms for a 4x512x1024 int64 update on one CPU (BENCHMARKS.md). Fresh full-size
+        cache (measured with `launch/bench.py metric`, BENCHMARKS.md). Fresh full-size
         temporaries cost their page faults on every update, and full-size reused ones a trip to
         memory for each of the four passes over them."""
         n, ignore = self.num_classes, self.ignore_index

@@ -18,6 +18,7 @@ resolution: evaluation stays exact, whatever the mode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +85,22 @@ def scores(model, x: torch.Tensor, mode: InferenceMode) -> torch.Tensor:
 
 def labels(model, x: torch.Tensor, mode: InferenceMode) -> torch.Tensor:
     """NxHxW label map of a normalised batch in `mode`."""
-    y = scores(model, x, mode)
-    if y.shape[1] == 1:
-        return (y[:, 0] > (0.5 if mode.tta else 0.0)).to(torch.int64)  # probability > 0.5 is logit > 0
-    return y.argmax(dim=1)
+    return labels_of(scores(model, x, mode), mode.tta)
+
+
+def labels_of(y: torch.Tensor, tta: bool, threshold: float = 0.5) -> torch.Tensor:
+    """NxHxW class ids of NxKxHxW `scores`, the one rule evaluation and prediction share: the argmax
+    over classes; for one output, a probability above `threshold`. Without test-time augmentation
+    the scores are fp32 logits, compared as they are (the logit of `threshold`: 0 for 0.5): a
+    softmax or sigmoid rounds near-equal logits to equal probabilities, which would break a tie
+    towards the lower class id and make labels depend on the rounding, not on the model."""
+    if y.shape[1] != 1:
+        return y.argmax(dim=1)
+    if tta:
+        cut = threshold
+    else:
+        cut = -math.inf if threshold <= 0 else math.inf if threshold >= 1 else math.log(threshold / (1 - threshold))
+    return (y[:, 0] > cut).to(torch.int64)
 
 
 def probabilities(y: torch.Tensor) -> torch.Tensor:

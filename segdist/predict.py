@@ -1,5 +1,5 @@
 """Prediction from Python: a trained model, loaded once (`load_predictor`), on one image at a time
-(`predict_probabilities`, `label_map`). The `segdist-predict` command (segdist.cli.predict) writes
+(`predict_frame`: its label map and probabilities; `predict_probabilities`). The `segdist-predict` command (segdist.cli.predict) writes
 its files with these functions.
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
@@ -16,7 +16,10 @@ it exists; without the data folder generic names and the VOC palette stand in, a
 outputs then comes from `model.classes` alone.
 
 The probabilities are float32 HxW (sigmoid) for a one-logit model and CxHxW (softmax) otherwise,
-at the image's original size; `label_map` makes class ids of them (prob > threshold; argmax).
+at the image's original size. The label map is not made from them: it comes from the fp32 scores by
+evaluation's own rule (segdist.inference.labels_of), so a near-tie that a softmax rounds to a tie
+still goes to the class the model scored higher, and a frame predicted here gets the labels
+`launch/eval.py` counted for it (with the same precision: evaluation runs under the recipe's autocast).
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class Predictor:
 
     mode: InferenceMode = InferenceMode()
     """How images go through the model (the recipe's `[eval]` mode) when no size is given."""
+
+    def predict(self, image: ImageLike, size: Sequence[int] | None = None,
+                threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+        """`predict_frame(self.model, image, size, self.mode, threshold)`: (label map, probabilities)."""
+        return predict_frame(self.model, image, size, self.mode, threshold)
 
     def predict_probabilities(self, image: ImageLike, size: Sequence[int] | None = None) -> np.ndarray:
         """`predict_probabilities(self.model, image, size, self.mode)`."""
@@ -165,6 +173,22 @@ def to_probabilities(scores: torch.Tensor, mode: InferenceMode) -> np.ndarray:
     return (prob[0, 0] if prob.shape[1] == 1 else prob[0]).cpu().numpy()
 
 
+def _scores(model: nn.Module, image: ImageLike, size: Sequence[int] | None,
+            mode: InferenceMode | None) -> tuple[torch.Tensor, InferenceMode]:
+    """(1xKxHxW scores, the mode they were made in) of one image at its original size; the model in
+    eval mode for the pass, its own mode restored after."""
+    if size is not None:
+        mode = InferenceMode("resize", crop=tuple(int(v) for v in size))
+    mode = mode or InferenceMode()
+    rgb = read_image(image)
+    was_training = model.training
+    model.eval()
+    try:
+        return forward_scores(model, rgb, mode), mode
+    finally:
+        model.train(was_training)
+
+
 def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None,
                           mode: InferenceMode | None = None) -> np.ndarray:
     """Probability map of one image at its original size, as the birds assignment's `predict(model, img_path)`:
@@ -176,20 +200,17 @@ def predict_probabilities(model: nn.Module, image: ImageLike, size: Sequence[int
     under no_grad on its device (its train/eval mode is restored after). E.g.
     `predict_probabilities(load_predictor(recipe, run).model, "bird.jpg")`.
     """
-    if size is not None:
-        mode = InferenceMode("resize", crop=tuple(int(v) for v in size))
-    mode = mode or InferenceMode()
-    rgb = read_image(image)
-    was_training = model.training
-    model.eval()
-    try:
-        return to_probabilities(forward_scores(model, rgb, mode), mode)
-    finally:
-        model.train(was_training)
+    scores, mode = _scores(model, image, size, mode)
+    return to_probabilities(scores, mode)
 
 
-def label_map(prob: np.ndarray, threshold: float, num_classes: int) -> np.ndarray:
-    """Class ids from `predict_probabilities`' output: prob > threshold (binary), else argmax over classes."""
-    if prob.ndim == 2:
-        return (prob > threshold).astype(np.uint8)
-    return prob.argmax(axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
+def predict_frame(model: nn.Module, image: ImageLike, size: Sequence[int] | None = None,
+                  mode: InferenceMode | None = None,
+                  threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """(label map, probabilities) of one image at its original size, from one pass of the model (as
+    `predict_probabilities` runs it). The label map holds class ids (uint8; uint16 beyond 256 classes)
+    taken from the fp32 scores as evaluation takes them: the argmax, or for one logit a probability
+    above `threshold` (segdist.inference.labels_of)."""
+    scores, mode = _scores(model, image, size, mode)
+    ids = inference.labels_of(scores, mode.tta, threshold)[0].cpu().numpy()
+    return ids.astype(np.uint8 if scores.shape[1] <= 256 else np.uint16), to_probabilities(scores, mode)

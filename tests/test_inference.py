@@ -104,3 +104,18 @@ def test_mode_from_the_recipe_defaults_to_the_training_crop():
     assert "slide (64, 64) windows, stride (42, 42)" in mode.describe()
     with pytest.raises(UserError, match=r"eval.stride \[80, 80\] is larger than the window \[64, 64\]"):
         InferenceMode.from_recipe(load_recipe(ROOT / "recipes" / "shapes_unet.toml", ["eval.stride=[80, 80]"]))
+
+
+def test_labels_come_from_the_scores_not_from_rounded_probabilities():
+    """A near-tie that softmax or sigmoid rounds to a tie still goes to the class scored higher."""
+    from segdist.inference import labels_of, probabilities
+
+    logits = torch.tensor([0.0, 1e-6], dtype=torch.float32).view(1, 2, 1, 1)
+    assert probabilities(logits).to(torch.float16).argmax(1).item() == 0  # rounded: a tie, class 0
+    assert labels_of(logits, tta=False).item() == 1
+    one = torch.full((1, 1, 1, 1), 1e-8)
+    assert torch.sigmoid(one).item() == 0.5  # a probability above 0.5 would say background
+    assert labels_of(one, tta=False).item() == 1
+    assert labels_of(one, tta=False, threshold=0.6).item() == 0
+    assert labels_of(torch.full((1, 1, 1, 1), 0.6), tta=True, threshold=0.5).item() == 1  # TTA: mean probabilities
+    assert labels_of(one, tta=False, threshold=0.0).item() == 1 and labels_of(one, tta=False, threshold=1.0).item() == 0

@@ -17,8 +17,10 @@ Outputs per image `<stem>` in the output folder, each written atomically (temp f
   mapped back to Cityscapes label ids through cityscapesscripts' table: the files the benchmark
   server and `evalPixelLevelSemanticLabeling` read. That evaluator takes every PNG in the folder
   that names a frame, so this format gets a folder of its own.
-The label map is computed from the stored probabilities (prob > threshold; argmax of the float16
-values), so the files always agree with each other.
+The label maps (labels, color, overlay, cityscapes) come from the model's fp32 scores by evaluation's
+rule (segdist.predict.predict_frame), so they are the labels `launch/eval.py` counts for the same
+frame, near-ties included; the multi-class probability file is rounded to float16 for its size, so
+where two classes nearly tie, its argmax may name the other one.
 
 Every input is checked (found, decoded; no two inputs writing one file, no output overwriting an
 input) before anything is written. With several processes (`accelerate launch --multi_gpu ...
@@ -157,20 +159,18 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_prediction(predictor: Predictor, prob: np.ndarray, out: Path, stem: str, threshold: float,
+def write_prediction(predictor: Predictor, label: np.ndarray, prob: np.ndarray, out: Path, stem: str,
                      formats: Sequence[str] = DEFAULT_FORMATS, rgb: np.ndarray | None = None) -> list[Path]:
-    """Write one image's outputs in `formats` into `out`, each atomically; `rgb` (the image) is
-    needed for overlay."""
+    """Write one image's outputs in `formats` into `out`, each atomically, from its label map and
+    probabilities (`Predictor.predict`); `rgb` (the image) is needed for overlay."""
     import numpy as np
 
     from segdist.data.shards import encode_png
     from segdist.fileio import atomic_write_bytes
-    from segdist.predict import label_map
     from segdist.report import colorize
 
     names = output_names(stem, predictor.binary, formats)
     stored = prob.astype(np.float32 if predictor.binary else np.float16)
-    label = label_map(stored, threshold, len(predictor.classes))
     files = {}
     if "label" in names:
         files[names["label"]] = encode_png(label)
@@ -258,8 +258,8 @@ def predict_files(recipe, checkpoint: str, inputs: Sequence[str], out: str, size
     written: list[Path] = []
     for path in tqdm(mine, desc="predict", unit="img", disable=None if rank == 0 else True):
         rgb = read_image(path)
-        prob = predictor.predict_probabilities(rgb, size)
-        written += write_prediction(predictor, prob, out_dir, path.stem, threshold, formats, rgb)
+        label, prob = predictor.predict(rgb, size, threshold)
+        written += write_prediction(predictor, label, prob, out_dir, path.stem, formats, rgb)
     split = "1 process"
     if accelerator is not None:  # every rank is done (and says how many it wrote) before rank 0 reports
         shares = accelerator.gather(torch.tensor([len(mine)], device=device)).tolist()

@@ -42,6 +42,9 @@ class DataConfig:
     """For a remote root: a local folder that keeps each shard once read whole and checked (sha256); "null" = none."""
     fetch_retries: int = 5
     """For a remote root: how often a read that broke off is retried (with backoff) before it is an error."""
+    fetch_timeout: float = 60.0
+    """For a remote root: seconds a read may bring no bytes before it counts as broken off (a server
+    that goes silent mid-file), then retried as above."""
     sampling: str = "uniform"
     """How often each training sample is drawn per pass: "uniform" (once) or "rare_class" (DAFormer's rare-class sampling)."""
     rare_class_temperature: float = 0.01
@@ -79,6 +82,9 @@ class DataConfig:
             raise UserError(f"data.num_workers must be an integer >= 0 or \"auto\", got {self.num_workers!r}")
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
         _non_negative("data.fetch_retries", self.fetch_retries)
+        if isinstance(self.fetch_timeout, bool) or not isinstance(self.fetch_timeout, (int, float)) \
+                or not self.fetch_timeout > 0:
+            raise UserError(f"data.fetch_timeout must be a number of seconds > 0, got {self.fetch_timeout!r}")
         _non_negative("data.rare_class_min_pixels", self.rare_class_min_pixels)
         if self.sampling not in ("uniform", "rare_class"):
             raise UserError(f"data.sampling must be \"uniform\" or \"rare_class\", got {self.sampling!r}")

@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 for the remote-data tests: Python's http.server in a thread,
-serving a folder of converted splits, with faults to order (a connection cut mid-file, once)."""
+serving a folder of converted splits, with faults to order: a connection cut mid-file, or a server
+that sends the headers and a few bytes and then goes silent."""
 
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         with self.server.lock:
             self.server.gets[name] += 1
             cut = self.server.cuts.pop(name, None)
+            stall = self.server.stalls.get(name)
+            if stall is not None and self.server.stall_times[name] > 0:
+                self.server.stall_times[name] -= 1
+            else:
+                stall = None
+        if stall is not None:
+            data = (Path(self.directory) / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:stall])
+            self.wfile.flush()
+            self.server.closing.wait(600)  # silent, the connection open, until the server shuts down
+            self.close_connection = True
+            return
         if cut is None:
             return super().do_GET()
         data = (Path(self.directory) / name).read_bytes()
@@ -44,10 +61,19 @@ class ShardServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.gets: Counter = Counter()
         self.cuts: dict[str, int] = {}
+        self.stalls: dict[str, int] = {}
+        self.stall_times: Counter = Counter()
+        self.closing = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stall(self, name: str, at: int, times: int = 1) -> None:
+        """The next `times` GETs of `name` send its full length as Content-Length, then `at` bytes,
+        then nothing, the connection left open."""
+        with self.lock:
+            self.stalls[name], self.stall_times[name] = at, times
 
     def cut_once(self, name: str, at: int) -> None:
         """The next GET of `name` sends its full length as Content-Length, then `at` bytes, then hangs up."""
@@ -64,5 +90,6 @@ def serving(folder: Path):
     try:
         yield server
     finally:
+        server.closing.set()
         server.shutdown()
         server.server_close()

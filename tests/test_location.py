@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 
 import pytest
 import torch
@@ -86,6 +87,26 @@ def test_missing_files_are_one_line_naming_the_url(shapes_root, tmp_path):
         with pytest.raises(UserError, match=rf"^manifest {server.url}/nope.json: HTTP 404"):
             load_manifest(server.url, "nope")
         assert server.gets["val7-000002.tar"] == 1  # a refusal is not retried
+
+
+def test_a_server_that_goes_silent_is_a_broken_read_retried_then_one_line(shapes_root):
+    """Headers and 2 KB, then silence with the connection open: without a stall limit the read would
+    wait for good. After data.fetch_timeout seconds it is retried like a dropped connection; a server
+    that stays silent is one line naming the URL."""
+    local = load_manifest(shapes_root, "val7")
+    with serving(shapes_root) as server:
+        name = "val7-000001.tar"
+        source = ShardSource(server.url, name, retries=2, timeout=1)
+        server.stall(name, 2048)
+        start = time.monotonic()
+        strip = lambda shard: [{k: v for k, v in sample.items() if k != "__url__"} for sample in read_shard(shard)]  # noqa: E731
+        assert strip(source) == strip(shapes_root / name)
+        assert server.gets[name] == 2 and time.monotonic() - start < 30
+        server.stall(name, 2048, times=3)
+        with pytest.raises(UserError, match=rf"{name}: reading failed 3 times, the last at byte 2048 "
+                                            r"\(no bytes for 1 s, data.fetch_timeout\)"):
+            list(read_shard(source))
+    assert local.fetch_timeout == 60.0
 
 
 def test_a_server_that_is_gone_is_retried_then_one_line(shapes_root):

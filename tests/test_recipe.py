@@ -119,6 +119,13 @@ def test_num_workers_takes_auto_from_the_file_and_from_set(tmp_path):
         DataConfig(num_workers="many")  # built in code, not loaded: the same check
 
 
+def test_fetch_timeout_is_a_positive_number_of_seconds(tmp_path):
+    assert load_recipe(write(tmp_path, ""), ["data.fetch_timeout=5"]).data.fetch_timeout == 5
+    for bad in ("0", "-1.5"):
+        with pytest.raises(UserError, match="data.fetch_timeout must be a number of seconds > 0"):
+            load_recipe(write(tmp_path, ""), [f"data.fetch_timeout={bad}"])
+
+
 def test_optional_keys_still_take_null(tmp_path):
     r = load_recipe(write(tmp_path, "[eval]\ncrop = \"null\"\n"), ["model.classes=none"])
     assert r.eval.crop is None and r.model.classes is None

@@ -15,7 +15,10 @@ Remote bytes go through `Fetch`, a file object that counts what it has handed on
 connection drops (curl exits non-zero, a pipe's command fails, fsspec raises an OSError), it waits
 with exponential backoff, opens the file again and skips exactly the bytes already handed on, up to
 `data.fetch_retries` times. So a retry never repeats or loses a byte, and the samples are those of
-the local file. A refusal (HTTP 4xx/5xx after curl's own retries, a missing object, denied access)
+the local file. Over http(s) a read that brings no byte for `data.fetch_timeout` seconds (a server
+that accepts, sends a little and goes silent) is broken off by curl itself and retried the same way,
+so a silent server ends in one line, not in a hang that even a stop signal cannot end; a `pipe:`
+command or an fsspec store goes by its own timeouts (e.g. `aws --cli-read-timeout`). A refusal (HTTP 4xx/5xx after curl's own retries, a missing object, denied access)
 is not retried: it is one `UserError` naming the URL. `Fetch` hashes what it reads; a shard read
 whole must match the manifest's sha256, or it is a `ShardError`.
 
@@ -49,6 +52,8 @@ BACKOFF_S = 0.5
 BACKOFF_MAX_S = 30.0
 CURL_HTTP_ERROR = 22
 """curl's exit status for an HTTP response >= 400 (gopen runs curl with -f)."""
+CURL_STALLED = 28
+"""curl's exit status when a transfer brought less than a byte a second for --speed-time seconds."""
 _HTTP_REASONS = {401: "unauthorized: an authentication failure", 403: "forbidden: an authentication failure",
                  404: "not found"}
 
@@ -98,6 +103,8 @@ class ShardSource:
     sha256: str | None = None
     cache_dir: str | None = None
     retries: int = 5
+    timeout: float = 60.0
+    """Seconds an http(s) read may bring no bytes before it counts as broken off (data.fetch_timeout)."""
 
     @property
     def address(self) -> str:
@@ -119,8 +126,9 @@ class ShardSource:
 
 
 # -- opening ------------------------------------------------------------------------------------
-def _open(root: str, name: str):
-    """A fresh binary stream of a remote file."""
+def _open(root: str, name: str, timeout: float = 60.0):
+    """A fresh binary stream of a remote file; over http(s) one that ends in curl's exit status
+    CURL_STALLED once no byte came for `timeout` seconds."""
     kind, where = root_kind(root), address(root, name)
     if kind == "fsspec":
         try:
@@ -135,8 +143,15 @@ def _open(root: str, name: str):
     if kind == "http" and shutil.which("curl") is None:
         raise UserError(f"data.root {root}: webdataset reads http(s) through curl, which is not installed: "
                         "install curl (apt-get install curl)")
-    from webdataset.gopen import gopen
+    from webdataset.gopen import Pipe, gopen
 
+    if kind == "http":
+        # webdataset's curl command, less its own retries (Fetch retries, resuming at the right byte)
+        # and plus a stall limit: a server that accepts, sends a little and goes silent would
+        # otherwise hold the read, and a stop signal with it, for good.
+        return Pipe(["curl", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time",
+                     str(max(1, round(timeout))), "-f", "-s", "-L", where], mode="rb", bufsize=8192,
+                    ignore_status=[141, 23])
     return gopen(where, "rb")
 
 
@@ -181,7 +196,7 @@ class Fetch:
         return self.source.address
 
     def _reopen(self) -> None:
-        self._stream = _open(self.source.root, self.source.name)
+        self._stream = _open(self.source.root, self.source.name, self.source.timeout)
         if self.offset and getattr(self._stream, "seekable", lambda: False)():
             self._stream.seek(self.offset)
             return
@@ -199,14 +214,20 @@ class Fetch:
         if refusal is not None:
             raise UserError(f"{self.what} {refusal}; check data.root and the credentials") from None
         self.failures += 1
+        http = root_kind(self.source.root) == "http"
+        if http and status == CURL_STALLED:
+            why = f"no bytes for {self.source.timeout:g} s, data.fetch_timeout"
+        elif status is not None:
+            why = f"{'curl' if http else 'the command'} exited with {status}"
+        else:
+            why = str(exc)
         if self.failures > self.source.retries:
-            why = exc if status is None else f"{'curl' if root_kind(self.source.root) == 'http' else 'the command'} exited with {status}"
             raise UserError(
                 f"{self.what} {self.source.address}: reading failed {self.failures} times, the last at byte "
                 f"{self.offset} ({why}); check data.root and the network, or raise data.fetch_retries"
             ) from None
         log.warning("%s %s: reading broke off at byte %d (%s); retry %d of %d", self.what, self.source.address,
-                    self.offset, f"exit {status}" if status is not None else exc, self.failures, self.source.retries)
+                    self.offset, why, self.failures, self.source.retries)
         time.sleep(min(BACKOFF_S * 2 ** (self.failures - 1), BACKOFF_MAX_S))
 
     def _drop(self) -> None:
@@ -267,12 +288,12 @@ class Fetch:
             self._keep = None
 
 
-def read_file(root: str | os.PathLike, name: str, what: str, retries: int = 5) -> bytes | None:
+def read_file(root: str | os.PathLike, name: str, what: str, retries: int = 5, timeout: float = 60.0) -> bytes | None:
     """The bytes of a small file (a manifest) of any root, or None when it is not there."""
     if not is_remote(root):
         path = local_root(root) / name
         return path.read_bytes() if path.is_file() else None
-    fetch = Fetch(ShardSource(str(root), name, retries=retries), what)
+    fetch = Fetch(ShardSource(str(root), name, retries=retries, timeout=timeout), what)
     try:
         return fetch.read_all()
     finally:

@@ -46,6 +46,8 @@ class Manifest:
     """Where remote shards read whole are kept (data.cache_dir); not part of the JSON."""
     fetch_retries: int = 5
     """How often a remote read that broke off is retried (data.fetch_retries); not part of the JSON."""
+    fetch_timeout: float = 60.0
+    """Seconds a remote read may bring no bytes before it counts as broken (data.fetch_timeout); not part of the JSON."""
 
     @property
     def num_classes(self) -> int:
@@ -66,7 +68,7 @@ class Manifest:
         """The shards to read, wherever the root is (what the streams take)."""
         root = str(self.root)
         cache = self.cache_dir if is_remote(root) else None
-        return [ShardSource(root, s.file, s.sha256, cache, self.fetch_retries) for s in self.shards]
+        return [ShardSource(root, s.file, s.sha256, cache, self.fetch_retries, self.fetch_timeout) for s in self.shards]
 
     def to_json(self) -> dict:
         return {
@@ -105,7 +107,8 @@ def load_split(data, split: str, check_files: bool = True, *, evaluation: bool =
     """The manifest of a split of a recipe's `[data]`, with its cache and retries: from `data.root`
     for training, from `data.eval_root` (`data.val_root`, else `data.root`) for `evaluation`."""
     root = data.eval_root if evaluation else data.root
-    return load_manifest(root, split, check_files, cache_dir=data.cache_dir, retries=data.fetch_retries)
+    return load_manifest(root, split, check_files, cache_dir=data.cache_dir, retries=data.fetch_retries,
+                         timeout=data.fetch_timeout)
 
 
 def check_same_labels(train: Manifest, val: Manifest) -> None:
@@ -145,7 +148,7 @@ def check_crop_fits(manifest: Manifest, crop) -> None:
 
 
 def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
-                  cache_dir: str | None = None, retries: int = 5) -> Manifest:
+                  cache_dir: str | None = None, retries: int = 5, timeout: float = 60.0) -> Manifest:
     """Read and check `<root>/<split>.json`, from wherever the root is; every problem is a one-line
     `UserError`. `check_files` checks that a local root's shards exist (remote ones: the training setup,
     `check_reachable`)."""
@@ -154,7 +157,7 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
     path = address(root, manifest_name(split)) if remote else manifest_path(root, split)
     if not remote and not root.is_dir():
         raise UserError(f"data root {root} does not exist: convert a dataset there with launch/shard.py")
-    text = read_file(root, manifest_name(split), "manifest", retries)
+    text = read_file(root, manifest_name(split), "manifest", retries, timeout)
     if text is None:
         raise UserError(
             f"manifest {path} not found: split {split!r} was not converted "
@@ -180,6 +183,7 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             root=root,
             cache_dir=None if cache_dir is None else str(cache_dir),
             fetch_retries=retries,
+            fetch_timeout=timeout,
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"manifest {path} is corrupt ({exc}): re-run the conversion") from None

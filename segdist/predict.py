@@ -1,6 +1,6 @@
 """Prediction from Python: a trained model, loaded once (`load_predictor`), on one image at a time
-(`predict_frame`: its label map and probabilities; `predict_probabilities`). The `segdist-predict` command (segdist.cli.predict) writes
-its files with these functions.
+(`predict_frame`: its label map and probabilities; `predict_probabilities`). The `segdist-predict`
+command (segdist.cli.predict) writes its files with these functions.
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
 palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as the birds assignment's grayscale images needed.
@@ -18,8 +18,9 @@ outputs then comes from `model.classes` alone.
 The probabilities are float32 HxW (sigmoid) for a one-logit model and CxHxW (softmax) otherwise,
 at the image's original size. The label map is not made from them: it comes from the fp32 scores by
 evaluation's own rule (segdist.inference.labels_of), so a near-tie that a softmax rounds to a tie
-still goes to the class the model scored higher, and a frame predicted here gets the labels
-`launch/eval.py` counted for it (with the same precision: evaluation runs under the recipe's autocast).
+still goes to the class the model scored higher. Prediction runs in fp32; evaluation runs under the
+recipe's precision, so with `train.precision = "fp32"` a frame predicted here gets exactly the labels
+`launch/eval.py` counted for it.
 """
 
 from __future__ import annotations

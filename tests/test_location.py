@@ -90,6 +90,7 @@ def test_missing_files_are_one_line_naming_the_url(shapes_root, tmp_path):
         assert server.gets["val7-000002.tar"] == 1  # a refusal is not retried
 
 
+@pytest.mark.slow  # waits out real timeouts and backoff (~30 s)
 def test_a_server_that_goes_silent_is_a_broken_read_retried_then_one_line(shapes_root):
     """Headers and 2 KB, then silence with the connection open: without a stall limit the read would
     wait for good. After data.fetch_timeout seconds it is retried like a dropped connection; a server

@@ -32,6 +32,7 @@ def test_the_launch_script_is_a_short_shim_without_a_path_hack(name):
     assert f"from segdist.cli.{name} import run" in text
 
 
+@pytest.mark.slow  # one process per command, each importing the package (~2 s apiece)
 @pytest.mark.parametrize("name", NAMES)
 def test_help_from_the_console_script(name):
     script = Path(sys.executable).parent / f"segdist-{name}"

@@ -17,7 +17,7 @@ The decision is a pure function of a `Hardware` description, so every device is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -102,9 +102,6 @@ class Precision:
     @property
     def loss_scaling(self) -> bool:
         return self.name == "fp16"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def choose_precision(requested: str, hw: Hardware) -> Precision:

@@ -30,27 +30,25 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             else:
                 stall = None
         if stall is not None:
-            data = (Path(self.directory) / name).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-tar")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:stall])
-            self.wfile.flush()
+            self._send_start(name, stall)
             self.server.closing.wait(600)  # silent, the connection open, until the server shuts down
             self.close_connection = True
             return
         if cut is None:
             return super().do_GET()
+        self._send_start(name, cut)
+        self.connection.shutdown(socket.SHUT_RDWR)  # the rest never comes: curl exits 18
+        self.close_connection = True
+
+    def _send_start(self, name: str, count: int) -> None:
+        """A 200 with the file's full length as Content-Length, and only its first `count` bytes."""
         data = (Path(self.directory) / name).read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[:cut])
+        self.wfile.write(data[:count])
         self.wfile.flush()
-        self.connection.shutdown(socket.SHUT_RDWR)  # the rest never comes: curl exits 18
-        self.close_connection = True
 
 
 class ShardServer(http.server.ThreadingHTTPServer):

@@ -172,7 +172,6 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
     from segdist.data.augment import decode_reduction
-    from segdist.data.geometry import DeviceGeometry
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import read_shard, sample_image, sample_mask
     from segdist.data.stream import TrainStream
@@ -206,10 +205,8 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             spent["mask"] += t2 - t1
             spent["augment"] += t3 - t2
         t = time.perf_counter()
-        # as train_loader batches: stacked crops, or stored frames in one canvas with their placements
-        collate = transform.collate if isinstance(transform, DeviceGeometry) else torch.utils.data.default_collate
         for i in range(0, len(items), batch):
-            collate(items[i: i + batch])
+            stream.collate(items[i: i + batch])  # as train_loader batches them
         spent["collate"] = time.perf_counter() - t
         for stage in STAGES:
             best[stage] = min(best[stage], 1000 * spent[stage] / len(raws))

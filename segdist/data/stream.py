@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from segdist.data.augment import seed_pipeline
 from segdist.data.colour import ColourJitter
@@ -207,6 +207,12 @@ class TrainStream(IterableDataset):
                     "use fewer processes or workers, or set data.sampling = \"uniform\""
                 )
 
+    @property
+    def collate(self) -> Callable:
+        """How this stream's samples batch: stacked crops, or with geometry on the device the stored
+        frames in one canvas and their placements (DeviceGeometry.collate)."""
+        return self.transform.collate if isinstance(self.transform, DeviceGeometry) else default_collate
+
     def augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
         """Sample n of loader worker `worker` after the CPU pipeline, seeded as the stream seeds it:
         (image, mask), plus the colour factors when the preset jitters colour. With geometry on the
@@ -271,12 +277,10 @@ class EvalStream(IterableDataset):
 
 
 def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
-    """The stream's batches: stacked crops, or with geometry on the device the stored frames in one
-    canvas and their placements (DeviceGeometry.collate)."""
-    geometry = stream.transform if isinstance(stream.transform, DeviceGeometry) else None
+    """The stream's batches, as `stream.collate` makes them."""
     return DataLoader(
         stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=geometry.collate if geometry is not None else None,
+        collate_fn=stream.collate,
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
         worker_init_fn=init_loader_worker,  # signals are the training process's to handle
     )

@@ -62,6 +62,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rng(seed: int, position: int, rank: int) -> None:
+    """Seed torch (every device), numpy and Python from (seed, position, rank): the RNG a rank
+    resumes with when the checkpoint's ranks do not correspond to this run's (another world size)."""
+    value = int(np.random.SeedSequence([seed, position, rank]).generate_state(1, np.uint64)[0] >> 1)
+    torch.manual_seed(value)
+    np.random.seed(value % (1 << 32))
+    random.seed(value)
+
+
 def piece_file(name: str) -> str:
     """The file of a registered piece: the weights as safetensors, the trainer's counters as JSON,
     anything else (optimizer, scheduler, ema, scaler, ...) as `<name>.pt` of its state_dict."""

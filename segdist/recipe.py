@@ -27,7 +27,8 @@ from segdist.errors import UserError
 NULLS = ("null", "none")
 
 AUTO = "auto"
-"""The one word `data.num_workers` takes besides a count: segdist.distributed.loader_workers resolves it."""
+"""The one word `data.num_workers` takes besides a count (segdist.distributed.loader_workers resolves
+it), and `train.grad_accum` (segdist.train.setup.resolve_accumulation)."""
 
 
 @dataclass
@@ -72,7 +73,8 @@ class DataConfig:
     draws each sample's placement, one batched warp on the GPU applies it; for light models whose
     loader cannot keep up, segdist/data/geometry.py). Not with the ph2 preset's blur."""
     shuffle_buffer: int = 256
-    """Samples held in each worker's shuffle buffer."""
+    """Each pass shuffles samples within blocks of whole shards holding at least this many (0: whole
+    shards in a shuffled order, their samples in order); segdist.data.stream.PassOrder."""
     on_corrupt: str = "fail"
     """A truncated shard or undecodable sample in training: "fail", or "skip" it with a warning (eval never skips)."""
 
@@ -230,8 +232,12 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 class TrainConfig:
     steps: int = 1000
     """Optimizer steps to train for."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    grad_accum: Union[int, Literal["auto"]] = 1
+    """Micro-batches accumulated per optimizer step; "auto": train.global_batch / (processes x
+    data.batch_size), so a run keeps its global batch on any number of processes."""
+    global_batch: Optional[int] = None
+    """Samples per optimizer step over all processes (G), the unit the data advances by; null:
+    processes x data.batch_size x train.grad_accum. A resume must keep it (docs/training.md)."""
     precision: str = "auto"
     """auto (bf16 where the device runs it natively, fp16 with loss scaling on CUDA without bf16, else fp32), bf16, fp16 (CUDA only) or fp32."""
     clip_grad_norm: float = 1.0
@@ -253,7 +259,14 @@ class TrainConfig:
         _positive("train.steps", self.steps)
         _non_negative("train.keep_last", self.keep_last)
         _positive("train.max_bad_steps", self.max_bad_steps)
-        _positive("train.grad_accum", self.grad_accum)
+        if self.grad_accum == AUTO:
+            if self.global_batch is None:
+                raise UserError('train.grad_accum = "auto" derives the accumulation from train.global_batch, which is '
+                                "null: set train.global_batch, or give train.grad_accum a number")
+        elif isinstance(self.grad_accum, (str, bool)) or not self.grad_accum > 0:
+            raise UserError(f'train.grad_accum must be an integer > 0 or "auto", got {self.grad_accum!r}')
+        if self.global_batch is not None:
+            _positive("train.global_batch", self.global_batch)
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.ckpt_every", self.ckpt_every)
         _non_negative("train.clip_grad_norm", self.clip_grad_norm)

@@ -557,6 +557,48 @@ def split_with(c: Ctx, mask: np.ndarray) -> Path:
     return root
 
 
+@case
+def resume_with_another_global_batch(c: Ctx) -> Case:
+    recipe, run = c.trained_copy()  # trained as 1 process x batch 4 x accumulation 1
+    return Case(train(recipe, "--resume", "--set", "train.steps=6", "--set", "data.batch_size=2"),
+                ("global batch of 4 samples", "1 x 2 x 1 = 2", "data.batch_size = 4", "train.init_from"), unchanged=run)
+
+
+@case
+def resume_with_another_seed(c: Ctx) -> Case:
+    recipe, run = c.trained_copy()
+    return Case(train(recipe, "--resume", "--set", "train.steps=6", "--set", "train.seed=4"), ("train.seed", "4"),
+                unchanged=run)
+
+
+@case
+def global_batch_the_processes_cannot_divide(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "train.global_batch=6", "--set", "train.grad_accum=auto"),
+                ("train.global_batch = 6", "1 process x data.batch_size 4"), absent=(c.run,))
+
+
+@case
+def global_batch_against_a_fixed_accumulation(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "train.global_batch=8"),
+                ("train.global_batch = 8", "= 4", 'train.grad_accum = "auto"', "gives 2"), absent=(c.run,))
+
+
+@case
+def accumulation_auto_without_global_batch(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "train.grad_accum=auto"), ("train.grad_accum", "train.global_batch"),
+                absent=(c.run,))
+
+
+@case
+def manifest_without_member_offsets(c: Ctx) -> Case:
+    root = c.data()
+    raw = json.loads((root / "train.json").read_text())
+    for entry in raw["shards"]:
+        entry.pop("members")
+    (root / "train.json").write_text(json.dumps(raw))
+    return Case(train(c.recipe(root=root)), ("train.json", "launch/shard.py index"), absent=(c.run,))
+
+
 # -- running them ----------------------------------------------------------------------------------
 
 @dataclass

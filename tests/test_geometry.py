@@ -130,17 +130,16 @@ def test_the_training_stream_carries_placements_that_land_on_the_device(shapes_r
     their placements; on_device warps them to the crop; a resume gives the same batches."""
     from segdist.data.colour import ColourJitter
     from segdist.data.manifest import load_manifest
-    from segdist.data.stream import TrainStream, train_loader
+    from segdist.data.stream import GlobalBatches, TrainStream, train_loader
     from segdist.train.step import on_device
 
     manifest = load_manifest(shapes_root, "train")
     geometry = build_geometry("shapes", (24, 24), IGNORE, {})  # of 32x32 frames
 
     def batches(start: int, n: int) -> list:
-        stream = TrainStream(manifest.shard_paths(), rank=0, world=1, seed=0, transform=geometry, num_classes=4,
-                             ignore_index=IGNORE, shuffle_buffer=8, batch_size=3, start_batch=start,
+        stream = TrainStream(manifest, seed=0, transform=geometry, shuffle_buffer=8,
                              colour=ColourJitter(0.2, 0.2, 0.2, 0.0, 1.0))
-        it = iter(train_loader(stream, workers, pin_memory=False))
+        it = iter(train_loader(stream, GlobalBatches(0, 1, 3, start=3 * start), workers, pin_memory=False))
         return [next(it) for _ in range(n)]
 
     full = batches(0, 5)

@@ -14,7 +14,7 @@ from segdist.data.augment import build_augment
 from segdist.data.manifest import load_manifest
 from segdist.data.sampling import class_probabilities, draws, sample_probabilities, training_draws
 from segdist.data.shards import ShardWriter, encode_png
-from segdist.data.stream import TrainStream, train_loader
+from segdist.data.stream import GlobalBatches, TrainStream, train_loader
 from segdist.errors import UserError
 from segdist.recipe import DataConfig
 
@@ -71,19 +71,17 @@ def test_sample_probabilities_sum_class_shares(rare_split):
     assert strict[3] == pytest.approx(strict[4])  # sample 3 holds class 2 (4 pixels): no longer counted
 
 
-def stream(manifest, probabilities, rank=0, world=1, start_batch=0, shuffle_buffer=6):
-    offsets = [0, 8, 16, 24, 32]
-    return TrainStream(manifest.sources(), rank=rank, world=world, seed=4,
-                       transform=build_augment("crop", (8, 8), 255), num_classes=4, ignore_index=255,
-                       shuffle_buffer=shuffle_buffer, batch_size=4, start_batch=start_batch,
-                       probabilities=probabilities, offsets=offsets)
+def loader(manifest, probabilities, rank=0, world=1, start=0, workers=0, shuffle_buffer=6):
+    stream = TrainStream(manifest, seed=4, transform=build_augment("crop", (8, 8), 255),
+                         shuffle_buffer=shuffle_buffer, probabilities=probabilities)
+    return iter(train_loader(stream, GlobalBatches(rank, world, 4, start=start), workers, pin_memory=False))
 
 
 def drawn_keys(manifest, probabilities, batches, world=1, workers=0):
     """Which samples the streams of every rank yield (a sample's image is filled with its index)."""
     counts = Counter()
     for rank in range(world):
-        it = iter(train_loader(stream(manifest, probabilities, rank, world), workers, pin_memory=False))
+        it = loader(manifest, probabilities, rank, world, workers=workers)
         for _ in range(batches):
             images, _ = next(it)
             counts.update(int(v) for v in images[:, 0, 0, 0])
@@ -110,7 +108,7 @@ def test_rare_class_streams_are_deterministic_and_resume_exactly(rare_split):
     p = sample_probabilities(rare_split, 0.1)
 
     def take(start, n, workers):
-        it = iter(train_loader(stream(rare_split, p, start_batch=start), workers, pin_memory=False))
+        it = loader(rare_split, p, start=4 * start, workers=workers)
         return [next(it) for _ in range(n)]
 
     for workers in (0, 2):

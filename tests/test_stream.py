@@ -10,7 +10,7 @@ from segdist.data.colour import ColourJitter
 from segdist.data.manifest import load_manifest
 from segdist.data.shards import ShardWriter, encode_png
 from segdist.data.sample import CorruptSample, ShardError, read_shard
-from segdist.data.stream import EvalStream, TrainStream, eval_loader, train_loader
+from segdist.data.stream import EvalStream, GlobalBatches, PassOrder, TrainStream, eval_loader, train_loader
 from segdist.errors import UserError
 
 
@@ -32,56 +32,110 @@ def test_eval_stream_reads_every_sample_exactly_once(shapes_root, split, world, 
     assert len(keys) == 7 and len(set(keys)) == 7
 
 
-def make_train(manifest, rank=0, world=1, start_batch=0, seed=0, colour=None):
-    return TrainStream(
-        manifest.shard_paths(), rank=rank, world=world, seed=seed,
-        transform=build_augment("shapes", (32, 32), 255), num_classes=4, ignore_index=255,
-        shuffle_buffer=8, batch_size=3, start_batch=start_batch, colour=colour,
-    )
+def make_train(manifest, seed=0, colour=None, shuffle_buffer=8, **kw):
+    return TrainStream(manifest, seed=seed, transform=build_augment("shapes", (32, 32), 255),
+                       shuffle_buffer=shuffle_buffer, colour=colour, **kw)
 
 
-def take(stream, workers, n):
-    it = iter(train_loader(stream, workers, pin_memory=False))
+def take(stream, workers, n, rank=0, world=1, batch=3, accum=1, start=0):
+    it = iter(train_loader(stream, GlobalBatches(rank, world, batch, accum, start), workers, pin_memory=False))
     return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q)) for p, q in zip(a, b))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_stream_is_deterministic_and_resumes_at_the_exact_batch(shapes_root, workers):
     manifest = load_manifest(shapes_root, "train")
     full = take(make_train(manifest), workers, 7)
-    again = take(make_train(manifest), workers, 7)
-    for (a, am), (b, bm) in zip(full, again):
-        assert torch.equal(a, b) and torch.equal(am, bm)
-    for start in (3, 4):  # an odd start: the batch due next comes from worker 1, not 0
-        resumed = take(make_train(manifest, start_batch=start), workers, 3)
-        for (a, am), (b, bm) in zip(full[start:], resumed):
-            assert torch.equal(a, b) and torch.equal(am, bm)
+    assert same(full, take(make_train(manifest), workers, 7))
+    for start in (3, 4):  # an odd start: with 2 workers the batch due next came from worker 1
+        assert same(full[start:], take(make_train(manifest), workers, 3, start=3 * start))
     assert full[0][0].shape == (3, 32, 32, 3) and full[0][1].shape == (3, 32, 32)
+    assert not same(full[:1], take(make_train(manifest, seed=1), 0, 1))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_colour_factors_ride_with_the_batch_from_each_samples_seed_and_resume_exactly(shapes_root, workers):
-    """The preset's colour jitter is drawn per sample (seed, rank, worker, n, 3) and travels as a third
-    tensor; the CPU pipeline, and so the images and masks, are those of a stream without it."""
+def global_batches(manifest, world, batch, accum, workers, steps, start=0):
+    """The global batches of `steps` optimizer steps from `start`: every rank's micro-batches of a step,
+    rank by rank, concatenated."""
+    per_rank = [take(make_train(manifest), workers, steps * accum, rank, world, batch, accum, start)
+                for rank in range(world)]
+    return [tuple(torch.cat([m[i] for r in range(world) for m in per_rank[r][k * accum:(k + 1) * accum]])
+                  for i in range(2)) for k in range(steps)]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_global_batches_are_the_same_on_every_layout(shapes_root, workers):
+    """G = 8 as (processes, batch, accumulation) = (1, 4, 2), (2, 2, 2), (2, 4, 1), (4, 2, 1): the same
+    samples, augmented the same, in the same places of every global batch; 5 steps wrap past a pass
+    (24 samples)."""
+    manifest = load_manifest(shapes_root, "train")
+    reference = global_batches(manifest, 1, 8, 1, 0, 5)
+    assert reference[0][0].shape == (8, 32, 32, 3)
+    for world, batch, accum in ((1, 4, 2), (2, 2, 2), (2, 4, 1), (4, 2, 1)):
+        assert same(reference, global_batches(manifest, world, batch, accum, workers, 5)), (world, batch, accum)
+
+
+@pytest.mark.parametrize("before, after", [((2, 2, 2), (1, 4, 2)), ((1, 4, 2), (2, 4, 1))])
+def test_a_resume_on_another_layout_continues_with_the_samples_that_came_next(shapes_root, before, after):
+    """2 -> 1 and 1 -> 2 processes mid-pass (after 2 steps of G = 8: position 16 of 24)."""
+    manifest = load_manifest(shapes_root, "train")
+    uninterrupted = global_batches(manifest, *before, 0, 4)
+    resumed = global_batches(manifest, *after, 2, 2, start=16)
+    assert same(uninterrupted[2:], resumed)
+
+
+def test_pass_order_is_a_block_shuffled_permutation(shapes_root):
+    sizes = [5, 5, 5, 5, 4]
+    order = PassOrder(sizes, seed=3, block=10)
+    starts = np.cumsum([0, *sizes])
+    shard_of = np.searchsorted(starts, np.arange(24), side="right") - 1
+    for p in range(3):
+        ids = order(p)
+        assert sorted(ids.tolist()) == list(range(24))
+        done = 0
+        for block in order.blocks(p):  # a block's positions hold exactly its shards' samples
+            held = sum(sizes[s] for s in block)
+            assert set(shard_of[ids[done:done + held]]) == set(block)
+            assert held >= 10 or block is order.blocks(p)[-1]
+            done += held
+    assert not np.array_equal(order(0), order(1))
+    assert order.sample_at(24 + 7) == int(order(1)[7])
+    plain = PassOrder(sizes, seed=3, block=0)  # no sample shuffle: whole shards in a shuffled order
+    assert [int(shard_of[i]) for i in plain(0)[::5][:4]] == [b[0] for b in plain.blocks(0)][:4]
+    assert all(np.all(np.diff(plain(0)[starts[0]:starts[1]]) == 1) for _ in [0])
+
+
+def test_colour_factors_ride_with_the_batch_from_each_positions_seed(shapes_root):
+    """The preset's colour jitter is drawn per position (seed, t, 3) and travels as a third tensor;
+    the CPU pipeline, and so the images and masks, are those of a stream without it."""
     manifest = load_manifest(shapes_root, "train")
     colour = ColourJitter(0.3, 0.3, 0.3, 0.1, 0.5)
-    plain = take(make_train(manifest), workers, 5)
-    full = take(make_train(manifest, colour=colour), workers, 5)
+    plain = take(make_train(manifest), 0, 5)
+    full = take(make_train(manifest, colour=colour), 2, 5)
     for (a, am), (b, bm, factors) in zip(plain, full):
         assert torch.equal(a, b) and torch.equal(am, bm) and factors.shape == (3, 4) and factors.dtype == torch.float32
-    first = np.random.default_rng([0, 0, 0, 0, 3])  # seed 0, rank 0, worker 0, sample 0
+    first = np.random.default_rng([0, 0, 3])  # seed 0, position 0
     assert torch.equal(full[0][2][0], torch.from_numpy(colour.draw(first)))
     assert len({tuple(f.tolist()) for batch in full for f in batch[2]}) > 5  # not one draw for all
-    resumed = take(make_train(manifest, start_batch=3, colour=colour), workers, 2)
-    for got, want in zip(resumed, full[3:]):
-        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert same(full[3:], take(make_train(manifest, colour=colour), 0, 2, start=9))
 
 
-def test_train_stream_is_endless_and_ranks_get_different_data(shapes_root):
-    manifest = load_manifest(shapes_root, "train")
-    r0 = take(make_train(manifest, rank=0, world=2), 0, 20)  # 60 samples > 24 per rank: wraps around
-    r1 = take(make_train(manifest, rank=1, world=2), 0, 2)
-    assert not torch.equal(r0[0][0], r1[0][0])
+def test_a_manifest_without_member_offsets_is_refused(shapes_root, tmp_path):
+    import json
+    import shutil
+
+    for path in shapes_root.iterdir():
+        if path.name.startswith("train"):
+            shutil.copy(path, tmp_path / path.name)
+    raw = json.loads((tmp_path / "train.json").read_text())
+    for shard in raw["shards"]:
+        shard.pop("members")
+    (tmp_path / "train.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="launch/shard.py index"):
+        make_train(load_manifest(tmp_path, "train"))
 
 
 def test_truncated_shard_names_the_shard(shapes_root, tmp_path):
@@ -114,12 +168,9 @@ def write_split(root, samples, per_shard=4, split="s"):
     return w.close()
 
 
-def stream_of(manifest, on_corrupt, start_batch=0, batch_size=3):
-    return TrainStream(
-        manifest.shard_paths(), rank=0, world=1, seed=5, transform=build_augment("crop", (8, 8), 255),
-        num_classes=4, ignore_index=255, shuffle_buffer=4, batch_size=batch_size, start_batch=start_batch,
-        on_corrupt=on_corrupt,
-    )
+def stream_of(manifest, on_corrupt):
+    return TrainStream(manifest, seed=5, transform=build_augment("crop", (8, 8), 255), shuffle_buffer=4,
+                       on_corrupt=on_corrupt)
 
 
 def test_a_shard_cut_between_two_members_is_caught(shapes_root, tmp_path):
@@ -138,22 +189,20 @@ def test_a_shard_cut_between_two_members_is_caught(shapes_root, tmp_path):
         list(EvalStream([bad], rank=0, world=1, num_classes=4, ignore_index=255))
 
 
-def test_skip_drops_the_rest_of_a_truncated_shard_deterministically(tmp_path, caplog):
+def test_skip_passes_over_the_samples_a_truncated_shard_lost_deterministically(tmp_path, caplog):
     m = write_split(tmp_path, [f"k{i}" for i in range(12)])
     broken = m.shard_paths()[1]  # k4..k7
     with tarfile.open(broken) as tar:
         cut = next(x.offset_data for x in tar.getmembers() if x.name == "k5.mask.png") + 10
-    broken.write_bytes(broken.read_bytes()[:cut])  # k4 complete, k5 cut in its mask
-    with pytest.raises(ShardError, match="s-000001.tar is truncated or corrupt after 1 samples"):
+    broken.write_bytes(broken.read_bytes()[:cut])  # k4 complete, k5 cut in its mask, k6 and k7 gone
+    with pytest.raises(CorruptSample, match=r"sample k[567] in .*s-000001.tar is cut short"):
         take(stream_of(m, "fail"), 0, 4)
     with caplog.at_level(logging.WARNING, logger="segdist"):
-        a = take(stream_of(m, "skip"), 0, 6)  # 18 samples: the 9 readable ones, twice
+        a = take(stream_of(m, "skip"), 0, 8)  # 24 positions: two passes
     warnings = [r.getMessage() for r in caplog.records]
-    b = take(stream_of(m, "skip"), 0, 6)
-    assert all(torch.equal(x, y) and torch.equal(xm, ym) for (x, xm), (y, ym) in zip(a, b))
-    assert len(warnings) == 2 and all("skipping the rest of shard" in w and "s-000001.tar after 1 samples" in w
-                                      for w in warnings)
-    assert warnings[1].endswith("so far rank 0 worker 0 skipped 0 undecodable samples and the rest of 2 shards")
+    assert same(a, take(stream_of(m, "skip"), 2, 8))
+    assert len(warnings) == 6 and all("s-000001.tar (it is cut short" in w for w in warnings)
+    assert warnings[-1].endswith("this process skipped 6 so far")
     # the pixel values identify samples (k_i is filled with 5 i): k5, k6, k7 never appear, k4 does
     seen = {int(img[j, 0, 0, 0]) // 5 for img, _ in a for j in range(len(img))}
     assert seen == {0, 1, 2, 3, 4, 8, 9, 10, 11}
@@ -165,29 +214,27 @@ def test_skip_replaces_an_undecodable_sample_and_resumes_exactly(tmp_path, worke
     with pytest.raises(CorruptSample, match="sample bad"):
         take(stream_of(m, "fail"), 0, 5)
     full = take(stream_of(m, "skip"), workers, 8)
-    again = take(stream_of(m, "skip"), workers, 8)
-    resumed = take(stream_of(m, "skip", start_batch=3), workers, 5)
-    for (a, am), (b, bm) in zip(full, again):
-        assert torch.equal(a, b) and torch.equal(am, bm)
-    for (a, am), (b, bm) in zip(full[3:], resumed):
-        assert torch.equal(a, b) and torch.equal(am, bm)
+    assert same(full, take(stream_of(m, "skip"), workers, 8))
+    assert same(full[3:], take(stream_of(m, "skip"), workers, 5, start=9))
     assert full[0][0].shape == (3, 8, 8, 3)
+    seen = {int(img[j, 0, 0, 0]) // 5 for img, _ in full for j in range(len(img))}
+    assert seen == {0, 1, 3, 4, 7}
 
 
 def test_skip_names_the_sample_and_counts(tmp_path, caplog):
     m = write_split(tmp_path, ["k0", "bad1", "k2", "k3"])
     with caplog.at_level(logging.WARNING, logger="segdist"):
-        take(stream_of(m, "skip", batch_size=4), 0, 2)  # two passes over 4 samples
+        take(stream_of(m, "skip"), 0, 2, batch=4)  # two passes over 4 samples
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and all("skipping sample bad1 of shard" in msg for msg in messages)
     assert "s-000000.tar (it has an image that does not decode)" in messages[0]
-    assert "skipped 1 undecodable samples" in messages[0] and "skipped 2 undecodable samples" in messages[1]
+    assert messages[0].endswith("skipped 1 so far") and messages[1].endswith("skipped 2 so far")
 
 
 def test_skip_still_fails_when_nothing_decodes(tmp_path):
     m = write_split(tmp_path, ["bad0", "bad1"])
-    with pytest.raises(UserError, match="no sample of training slot 0 decodes"):
-        take(stream_of(m, "skip", batch_size=1), 0, 1)
+    with pytest.raises(UserError, match="no sample of the training split decodes"):
+        take(stream_of(m, "skip"), 0, 1, batch=1)
 
 
 def test_wrong_size_and_wrong_labels_fail_even_with_skip(tmp_path):
@@ -198,13 +245,13 @@ def test_wrong_size_and_wrong_labels_fail_even_with_skip(tmp_path):
     m = w.close()
 
     def stream(classes):
-        return TrainStream(m.shard_paths(), rank=0, world=1, seed=0, transform=build_augment("crop", (8, 8), 255),
-                           num_classes=classes, ignore_index=255, shuffle_buffer=0, batch_size=1, on_corrupt="skip")
+        m.classes = m.classes[:classes]  # the class count the recipe gives
+        return TrainStream(m, seed=0, transform=build_augment("crop", (8, 8), 255), shuffle_buffer=0, on_corrupt="skip")
 
     with pytest.raises(UserError, match=r"sample wide2 in .*s-000000.tar: image \(8, 8\) and mask \(8, 9\) differ"):
-        take(stream(2), 0, 3)
+        take(stream(2), 0, 3, batch=1)
     with pytest.raises(UserError, match="sample k1 .* mask label 1 is not below 1 classes nor ignore 255"):
-        take(stream(1), 0, 3)
+        take(stream(1), 0, 3, batch=1)
 
 
 def test_eval_never_skips(tmp_path):
@@ -242,9 +289,8 @@ def test_jpeg_frames_decode_reduced_for_a_preset_that_shrinks_them_first(tmp_pat
     assert reduce_for(128, 256) == 4
 
     def stream(reduce):
-        return TrainStream(manifest.shard_paths(), rank=0, world=1, seed=0,
-                           transform=build_augment("cityscapes", (32, 64), 255, args), num_classes=8, ignore_index=255,
-                           shuffle_buffer=0, batch_size=3, reduce_for=reduce)
+        return TrainStream(manifest, seed=0, transform=build_augment("cityscapes", (32, 64), 255, args),
+                           shuffle_buffer=0, reduce_for=reduce)
 
     reduced, full = take(stream(reduce_for), 0, 2), take(stream(None), 0, 2)
     for (a, am), (b, bm) in zip(reduced, full):

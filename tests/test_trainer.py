@@ -126,6 +126,62 @@ def test_sigusr1_to_one_rank_stops_both_and_resume_is_bit_identical(shapes_root,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-35", "step-40"]
 
 
+# -- the same run on another layout (a model without BatchNorm, no dropout) -------------------------
+GROUP_NORM = ["model.arch=unet", "model.encoder=null", "model.decoder_channels=null",
+              'model.arch_args={width = 8, depth = 2, norm = "group"}', "schedule.name=constant",
+              "train.eval_every=0", "train.ckpt_every=5", "log.images=0", "data.num_workers=0"]
+
+
+def group_norm_run(recipe, run: Path, nproc: int, batch: int, accum: int, steps: int, *more: str):
+    args = [str(recipe), *[a for o in (*GROUP_NORM, f"train.run_dir={run}", f"data.batch_size={batch}",
+                                        f"train.grad_accum={accum}", f"train.steps={steps}")
+                           for a in ("--set", o)], *more]
+    result = launch("train.py", args, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_close_weights(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_the_same_global_batch_on_another_layout_trains_the_same_weights(tiny_recipe, tmp_path):
+    """G = 8 as 1 process x 2 x accumulation 4 and as 2 processes x 2 x accumulation 2: after 10 steps the
+    weights agree to rtol 1e-5 (float summation order differs); resuming 2 -> 1 and 1 -> 2 processes
+    at step 5 continues with the same samples and ends at the same weights."""
+    one = group_norm_run(tiny_recipe, tmp_path / "one", 1, 2, 4, 10)
+    two = group_norm_run(tiny_recipe, tmp_path / "two", 2, 2, 2, 10)
+    assert "effective batch 8" in one.stderr and "effective batch 8" in two.stderr
+    reference = final_weights(tmp_path / "one", 10)
+    assert_close_weights(reference, final_weights(tmp_path / "two", 10))
+    assert json.loads((tmp_path / "two" / "checkpoints" / "step-10" / "state.json").read_text())["position"] == 80
+    for first, then in (((2, 2, 2), (1, 2, 4)), ((1, 2, 4), (2, 4, 1))):
+        run = tmp_path / f"resume-{first[0]}-{then[0]}"
+        group_norm_run(tiny_recipe, run, *first, 5)
+        resumed = group_norm_run(tiny_recipe, run, *then, 10, "--resume")
+        assert "at step 5 (sample 40 of the run)" in resumed.stderr
+        assert "the same global batches continue" in resumed.stderr
+        assert_close_weights(reference, final_weights(run, 10))
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_global_batch_is_refused(tiny_recipe, tmp_path):
+    run = tmp_path / "g"
+    group_norm_run(tiny_recipe, run, 1, 2, 2, 5)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    refused = launch("train.py", [str(tiny_recipe), *[a for o in (*GROUP_NORM, f"train.run_dir={run}", "data.batch_size=2",
+                                                                  "train.grad_accum=3", "train.steps=10")
+                                                      for a in ("--set", o)], "--resume"])
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "global batch of 4 samples" in line and "1 x 2 x 2" in line and "1 x 2 x 3 = 6" in line
+    assert "is not divisible by 1 process x train.grad_accum 3" in line and "train.init_from" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_3(shapes_root, tmp_path):
     recipe = write_exact_recipe(shapes_root, tmp_path)

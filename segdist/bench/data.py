@@ -37,7 +37,8 @@ from segdist.data.convert import parallel_map
 from segdist.data.shapes import PALETTE, class_names, make_scene
 from segdist.data.shards import ShardWriter, encode_jpeg, encode_mask, encode_png
 from segdist.data.sample import decode_sample, make_sample, read_shard
-from segdist.data.stream import TrainStream, train_loader
+from segdist.data.manifest import load_manifest
+from segdist.data.stream import GlobalBatches, TrainStream, train_loader
 from segdist.errors import UserError
 
 CLASSES = 8  # the most segdist.data.shapes draws
@@ -141,10 +142,9 @@ def _loader(source: str, root: Path, args, transform) -> DataLoader:
         sampler = RandomSampler(ds, num_samples=total, generator=torch.Generator().manual_seed(0))
         return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                           prefetch_factor=4 if args.workers else None)  # as train_loader
-    shards = sorted(str(p) for p in (root / source).glob("train-*.tar"))
-    stream = TrainStream(shards, rank=0, world=1, seed=0, transform=transform, num_classes=CLASSES, ignore_index=255,
-                         shuffle_buffer=args.batch_size * 2, batch_size=args.batch_size)
-    return train_loader(stream, args.workers, pin_memory=False)
+    stream = TrainStream(load_manifest(root / source, "train"), seed=0, transform=transform,
+                         shuffle_buffer=args.batch_size * 2)
+    return train_loader(stream, GlobalBatches(0, 1, args.batch_size), args.workers, pin_memory=False)
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:

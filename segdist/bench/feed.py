@@ -174,7 +174,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     from segdist.data.augment import decode_reduction
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import read_shard, sample_image, sample_mask
-    from segdist.data.stream import TrainStream
+    from segdist.data.stream import SampleAugment
 
     manifest = load_manifest(split, "train")
     transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
@@ -182,8 +182,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     reduce_for = None if colour_on_cpu else decode_reduction(recipe.data.augment, tuple(recipe.data.crop),
                                                               recipe.data.augment_args)
     # The training stream's own per-sample augmentation (seeds, CPU pipeline, colour factors).
-    stream = TrainStream([], rank=0, world=1, seed=0, transform=transform, colour=colour, num_classes=manifest.num_classes,
-                         ignore_index=manifest.ignore_index, shuffle_buffer=0, batch_size=recipe.data.batch_size)
+    augment = SampleAugment(transform, 0, colour)
     batch = recipe.data.batch_size
     best = {s: float("inf") for s in STAGES}
     stored = sum(p.stat().st_size for p in manifest.shard_paths()) / manifest.num_samples / 1e6
@@ -199,14 +198,14 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             t1 = time.perf_counter()
             mask = sample_mask(raw, manifest.num_classes, manifest.ignore_index, full, image.shape[:2])
             t2 = time.perf_counter()
-            items.append(stream.augment(image, mask, 0, n))
+            items.append(augment(image, mask, n))
             t3 = time.perf_counter()
             spent["image"] += t1 - t0
             spent["mask"] += t2 - t1
             spent["augment"] += t3 - t2
         t = time.perf_counter()
         for i in range(0, len(items), batch):
-            stream.collate(items[i: i + batch])  # as train_loader batches them
+            augment.collate(items[i: i + batch])  # as train_loader batches them
         spent["collate"] = time.perf_counter() - t
         for stage in STAGES:
             best[stage] = min(best[stage], 1000 * spent[stage] / len(raws))

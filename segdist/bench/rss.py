@@ -70,8 +70,8 @@ def measure(root: str, args_dict: dict, queue) -> None:
 
     from segdist.data.augment import build_augment
     from segdist.data.manifest import load_manifest
-    from segdist.data.sampling import sample_probabilities, shard_offsets
-    from segdist.data.stream import TrainStream, train_loader
+    from segdist.data.sampling import sample_probabilities
+    from segdist.data.stream import GlobalBatches, TrainStream, train_loader
 
     torch.set_num_threads(1)
     peaks: dict = {}
@@ -80,13 +80,10 @@ def measure(root: str, args_dict: dict, queue) -> None:
     sampler.start()
     start = time.perf_counter()
     manifest = load_manifest(root, "train")
-    draws = {}
-    if args_dict["sampling"] == "rare_class":
-        draws = {"probabilities": sample_probabilities(manifest, 0.01), "offsets": shard_offsets(manifest)}
-    stream = TrainStream(manifest.sources(), rank=0, world=1, seed=0, transform=build_augment("crop", args_dict["crop"], 255),
-                         num_classes=manifest.num_classes, ignore_index=manifest.ignore_index,
-                         shuffle_buffer=args_dict["shuffle_buffer"], batch_size=args_dict["batch_size"], **draws)
-    batches = iter(train_loader(stream, args_dict["workers"], pin_memory=False))
+    draws = sample_probabilities(manifest, 0.01) if args_dict["sampling"] == "rare_class" else None
+    stream = TrainStream(manifest, seed=0, transform=build_augment("crop", args_dict["crop"], 255),
+                         shuffle_buffer=args_dict["shuffle_buffer"], probabilities=draws)
+    batches = iter(train_loader(stream, GlobalBatches(0, 1, args_dict["batch_size"]), args_dict["workers"], pin_memory=False))
     for _ in range(args_dict["batches"]):
         next(batches)
     del batches

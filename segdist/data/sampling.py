@@ -14,10 +14,10 @@
   tends to picking every class equally often, not to uniform sampling.
 
 A pass still has N draws (N = the split's samples), made as one multinomial draw over the N
-samples from a generator seeded by (seed, pass): the same on every rank and worker. Each slot
-yields its samples as often as they were drawn (0 times: passed over), so the stream stays a
-pure function of the seed: deterministic, position-exact on resume, and in lockstep across ranks
-(the trainer takes the same number of batches on every rank, whatever each one read).
+samples from a generator seeded by (seed, pass): the same on every rank and worker. The pass's
+order (segdist.data.stream.PassOrder) holds each sample as often as it was drawn (0 times: passed
+over), so a pass still has N positions and the run stays a pure function of the seed and the global
+batch: deterministic, position-exact on resume, on any layout.
 """
 
 from __future__ import annotations
@@ -71,14 +71,9 @@ def draws(probabilities: np.ndarray, seed: int, pass_index: int) -> np.ndarray:
     return rng.multinomial(len(p), p)
 
 
-def shard_offsets(manifest) -> list[int]:
-    """The manifest-order index of each shard's first sample."""
-    return list(np.cumsum([0] + [s.samples for s in manifest.shards])[:-1])
-
-
-def training_draws(manifest, data) -> tuple[np.ndarray, list[int]] | None:
-    """(P(i), shard offsets) for a TrainStream under a recipe's `[data]`; None for uniform passes.
-    Checked before training: a manifest without per-sample classes is a one-line UserError."""
+def training_draws(manifest, data) -> np.ndarray | None:
+    """P(i) for a TrainStream under a recipe's `[data]`; None for uniform passes. Checked before
+    training: a manifest without per-sample classes is a one-line UserError."""
     if data.sampling == "uniform":
         return None
-    return sample_probabilities(manifest, data.rare_class_temperature, data.rare_class_min_pixels), shard_offsets(manifest)
+    return sample_probabilities(manifest, data.rare_class_temperature, data.rare_class_min_pixels)

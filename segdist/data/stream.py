@@ -1,37 +1,42 @@
-"""Reading shards: an endless, positionable training stream and an exact-once evaluation stream.
+"""Reading shards: the training samples by position in canonical global batches, and an exact-once
+evaluation stream.
 
-Both split the shards over "slots" = (rank, DataLoader worker): with S = world x workers slots,
-slot s reads shards[s::S] when there are at least S shards, else it reads every shard and keeps
-every S-th sample. The loaders are NOT passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch
-or re-split the stream); batches are moved to the device by the train step.
+Training (`TrainStream`, `GlobalBatches`, `train_loader`) is a pure function of the seed, the
+manifest and the global batch G = processes x `data.batch_size` x `train.grad_accum`, never of how
+the run is laid out:
+- Pass p is a fixed order of the split's N samples (`PassOrder`): the shards in an order drawn from
+  (seed, p), cut into blocks of whole shards holding at least `data.shuffle_buffer` samples, the
+  samples shuffled within each block (from (seed, p, block)). So consecutive positions come from a
+  bounded set of shards, read in turn. With rare-class sampling (segdist.data.sampling) a pass holds
+  each sample as often as that pass's draw from (seed, p) says: still N positions.
+- Position t of the run is position t mod N of pass t div N; global batch k is positions
+  [kG, (k+1)G). Rank r takes the r-th of `world` equal consecutive shares of it, cut into
+  `grad_accum` micro-batches of `data.batch_size` (`GlobalBatches`). So any (processes, per-process
+  batch, accumulation) with the same G gives the same global batches, and the loader's workers only
+  decide who decodes which micro-batch, never what it holds.
+- Sample t is read by its offsets in the shard (segdist.data.sample.read_sample: one read, no scan),
+  decoded, and augmented with a generator seeded by (seed, t, 2); a preset's colour jitter draws its
+  factors from (seed, t, 3) and the batch carries them as a third tensor (N x 4), applied on the
+  device (segdist.data.colour). With `data.geometry = "device"` the transform is a
+  segdist.data.geometry.DeviceGeometry: sample t keeps its stored size and draws its placement from
+  the same generator; the trainer warps the batch on the device. A preset that shrinks frames first
+  (segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their size.
+- Resuming at position T (a checkpoint records it, with G and the seed) starts the micro-batches at
+  T: the samples that came next, on any layout with the same G, and nothing before T is read.
 
-Training: each slot loops over passes forever (lockstep comes from the trainer taking exactly
-`steps x grad_accum` batches on every rank, never from the data running out). Pass p shuffles the
-shard order with (seed, p) and samples with a buffer seeded by (seed, rank, worker, p); sample n of
-a slot is augmented with a generator seeded by (seed, rank, worker, n). The stream is therefore a
-pure function of the seed, and resuming after B batches skips exactly the samples each worker had
-produced, before decoding them. With `data.geometry = "device"` the transform is a
-segdist.data.geometry.DeviceGeometry: sample n keeps its stored size and draws its placement from the
-same generator, and the trainer warps the batch on the device. A preset's colour jitter is not applied here: sample n draws its
-factors from (seed, rank, worker, n, 3) and the batch carries them as a third tensor (N x 4), which
-the trainer applies on the device (segdist.data.colour). A preset that shrinks frames first
-(segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their
-size. With rare-class sampling (segdist.data.sampling) a pass yields
-each sample as often as that pass's draw, seeded by (seed, p), says: the same on every rank.
+A sample's format (member names, the reader, decoding, the label check) is segdist.data.sample's.
 
-A sample's format (member names, the tar reader, decoding, the label check) is segdist.data.sample's.
+Corrupt data (`data.on_corrupt`): a sample whose bytes are cut short or do not decode raises
+`CorruptSample`, naming the shard and the key. With "fail" (the default) training stops there. With
+"skip" a warning is logged per occurrence (with the process's running count) and position t takes
+the next sample of its pass (t+1, t+2, ..., wrapping) that decodes, augmented with t's seed: still a
+pure function of the seed and the data, whatever the layout. Masks that decode but hold a label that
+is neither a class nor the ignore index, or that differ from the image in size, are not corruption
+but wrong data or a wrong class count: they always fail. Evaluation never skips: its totals must be
+exact.
 
-Corrupt data (`data.on_corrupt`): a shard that cannot be read to its end (truncated, a damaged tar
-header, a missing end-of-archive marker) raises `ShardError`; a sample whose bytes are missing or
-do not decode raises `CorruptSample`. Both name the shard and, where there is one, the sample key.
-With "fail" (the default) training stops there. With "skip" the training stream logs a warning per
-occurrence (with the worker's running count) and goes on: the rest of a broken shard is dropped
-from the pass (the same samples every pass, so the stream stays a pure function of seed and
-data), and a sample that does not decode gives its place to the next sample that does (augmented
-with the skipped sample's seed), so sample n of a slot is still raw sample n and resuming stays
-exact without decoding what it skips. Masks that decode but hold a label that is neither a class
-nor the ignore index, or that differ from the image in size, are not corruption but wrong data
-or a wrong class count: they always fail. Evaluation never skips: its totals must be exact.
+The loaders are NOT passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch or
+re-split them); batches are moved to the device by the train step.
 """
 
 from __future__ import annotations
@@ -42,21 +47,24 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from segdist.data.augment import seed_pipeline
 from segdist.data.colour import ColourJitter
 from segdist.data.geometry import DeviceGeometry
 from segdist.data.location import ShardSource
+from segdist.data.manifest import Manifest, check_indexed
 from segdist.data.sampling import draws
 from segdist.data.collate import mask_tensor, pad_collate
-from segdist.data.sample import CorruptSample, ShardError, decode_sample, read_shard
+from segdist.data.sample import CorruptSample, ShardError, decode_sample, read_sample, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
 
 log = logging.getLogger("segdist")
 
 ON_CORRUPT = ("fail", "skip")
+
+
 def _slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -95,129 +103,96 @@ def _slot_samples(shards: list[str | ShardSource], slot: int, slots: int,
         yield sample
 
 
-IDLE_PASSES = 100
-"""Passes in a row in which rare-class sampling may draw none of a slot's samples before it is an error."""
+# -- training: which sample sits at each position --------------------------------------------------
+class PassOrder:
+    """The manifest index of the sample at each position of a pass; see the module docstring.
+
+    `shard_samples`: the samples of each shard, in manifest order. `block`: a block of shards holds at
+    least this many samples, shuffled together (0: no sample shuffle, the shards' own order).
+    `probabilities`: rare-class sampling's P(i) in manifest order, None for uniform passes."""
+
+    def __init__(self, shard_samples: list[int], seed: int, block: int,
+                 probabilities: np.ndarray | None = None) -> None:
+        self.shard_samples = [int(n) for n in shard_samples]
+        self.starts = np.cumsum([0, *self.shard_samples])
+        self.size = int(self.starts[-1])
+        self.seed, self.block, self.probabilities = seed, block, probabilities
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def blocks(self, p: int) -> list[list[int]]:
+        """Pass p's shards (manifest positions) in the order it reads them, cut into blocks."""
+        order = np.random.default_rng([self.seed, p]).permutation(len(self.shard_samples))
+        out, current, held = [], [], 0
+        for shard in order.tolist():
+            current.append(shard)
+            held += self.shard_samples[shard]
+            if held >= max(self.block, 1):
+                out.append(current)
+                current, held = [], 0
+        if current:
+            out.append(current)
+        return out
+
+    def __call__(self, p: int) -> np.ndarray:
+        """The pass's N positions (manifest indices, int64); the last pass asked is kept."""
+        if self._cached is not None and self._cached[0] == p:
+            return self._cached[1]
+        counts = draws(self.probabilities, self.seed, p) if self.probabilities is not None else None
+        parts = []
+        for b, shards in enumerate(self.blocks(p)):
+            ids = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in shards])
+            if counts is not None:
+                ids = np.repeat(ids, counts[ids])
+            if self.block:
+                ids = np.random.default_rng([self.seed, p, 1, b]).permutation(ids)
+            parts.append(ids)
+        order = np.concatenate(parts).astype(np.int64)
+        assert len(order) == self.size, (len(order), self.size)
+        self._cached = (p, order)
+        return order
+
+    def sample_at(self, t: int) -> int:
+        """The manifest index of the sample at run position t."""
+        p, i = divmod(t, self.size)
+        return int(self(p)[i])
 
 
-class _Skips:
-    """What one worker skipped under on_corrupt = "skip": counted, and a warning per occurrence."""
+class GlobalBatches(Sampler):
+    """One rank's micro-batches of run positions, endless, from position `start` (a whole number of
+    global batches): global batch k is [kG, (k+1)G), G = world x batch_size x grad_accum; rank r takes
+    [kG + r*G/world, kG + (r+1)*G/world), in `grad_accum` micro-batches of `batch_size`."""
 
-    def __init__(self, rank: int, worker: int) -> None:
-        self.rank, self.worker = rank, worker
-        self.samples = self.shards = 0
+    def __init__(self, rank: int, world: int, batch_size: int, grad_accum: int = 1, start: int = 0) -> None:
+        self.rank, self.world, self.batch_size, self.grad_accum = rank, world, batch_size, grad_accum
+        self.global_batch = world * batch_size * grad_accum
+        if start % self.global_batch:
+            raise ValueError(f"start {start} is not a whole number of global batches of {self.global_batch}")
+        self.start = start
 
-    def _where(self) -> str:
-        return (f"so far rank {self.rank} worker {self.worker} skipped {self.samples} undecodable samples "
-                f"and the rest of {self.shards} shards")
-
-    def shard(self, exc: ShardError) -> None:
-        self.shards += 1
-        log.warning("data.on_corrupt=skip: skipping the rest of shard %s after %d samples (%s); %s",
-                    exc.path, exc.samples, exc.reason, self._where())
-
-    def sample(self, exc: CorruptSample) -> None:
-        self.samples += 1
-        log.warning("data.on_corrupt=skip: skipping sample %s of shard %s (it %s); %s",
-                    exc.key, exc.url, exc.reason, self._where())
+    def __iter__(self) -> Iterator[list[int]]:
+        share = self.batch_size * self.grad_accum
+        for k in itertools.count(self.start // self.global_batch):
+            first = k * self.global_batch + self.rank * share
+            for a in range(self.grad_accum):
+                yield list(range(first + a * self.batch_size, first + (a + 1) * self.batch_size))
 
 
-class TrainStream(IterableDataset):
-    """Endless augmented training samples for one rank; see the module docstring."""
+class SampleAugment:
+    """What the loader does to decoded sample t: the CPU pipeline seeded by (seed, t, 2), or with
+    geometry on the device the stored frame and its placement drawn from that generator; plus the
+    colour factors from (seed, t, 3) when the preset jitters colour."""
 
-    def __init__(
-        self,
-        shards: list[str | ShardSource],
-        *,
-        rank: int,
-        world: int,
-        seed: int,
-        transform: Callable,
-        num_classes: int,
-        ignore_index: int,
-        shuffle_buffer: int,
-        batch_size: int,
-        start_batch: int = 0,
-        on_corrupt: str = "fail",
-        probabilities: np.ndarray | None = None,
-        offsets: list[int] | None = None,
-        colour: ColourJitter | None = None,
-        reduce_for: Callable[[int, int], int] | None = None,
-    ) -> None:
-        if on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-        self.shards = list(shards)  # paths, or location.ShardSource for shards of any root
-        self.rank, self.world, self.seed = rank, world, seed
-        self.transform = transform
-        self.colour = colour  # factors drawn here, applied on the device
-        self.reduce_for = reduce_for  # JPEGs decoded at the scale the preset shrinks them to first
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.shuffle_buffer = shuffle_buffer
-        self.batch_size = batch_size
-        self.start_batch = start_batch
-        self.on_corrupt = on_corrupt
-        # Rare-class sampling (segdist.data.sampling): each sample's draw probability, in manifest
-        # order, and the manifest index of each shard's first sample. None = uniform passes.
-        self.probabilities, self.offsets = probabilities, offsets
-        if (probabilities is None) != (offsets is None):
-            raise ValueError("probabilities and offsets go together")
-
-    def _skip(self, worker: int, workers: int) -> int:
-        """Samples this worker had produced when the main process had taken `start_batch` batches
-        (batches come round-robin from workers, each built from consecutive samples of one worker)."""
-        batches = len(range(worker, self.start_batch, workers))
-        return batches * self.batch_size
-
-    def _raw(self, worker: int, workers: int, skips: _Skips | None) -> Iterator[tuple[int, dict]]:
-        """(pass, raw sample) of this worker's slot, forever."""
-        slot, slots = self.rank * workers + worker, self.world * workers
-        on_bad_shard = skips.shard if skips is not None else None
-        idle = 0
-        for p in range(1 << 62):
-            order = np.random.default_rng([self.seed, p]).permutation(len(self.shards))
-            shards = [self.shards[i] for i in order]
-            rng = np.random.default_rng([self.seed, self.rank, worker, p, 1])
-            counts = draws(self.probabilities, self.seed, p) if self.probabilities is not None else None
-            buffer: list[dict] = []
-            empty, drawn = True, 0
-            for j, i, raw in _slot_indexed(shards, slot, slots, on_bad_shard):
-                empty = False
-                times = 1 if counts is None else int(counts[self.offsets[order[j]] + i])
-                drawn += times
-                for sample in itertools.repeat(raw, times):
-                    if self.shuffle_buffer == 0:  # shard order is still shuffled per pass
-                        yield p, sample
-                        continue
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    k = int(rng.integers(len(buffer)))
-                    buffer[k], sample = sample, buffer[k]
-                    yield p, sample
-            rng.shuffle(buffer)
-            for sample in buffer:
-                yield p, sample
-            if empty:
-                raise UserError(f"training slot {slot} of {slots} got no samples from {len(self.shards)} shards"
-                                + (" (every one it reads is broken)" if skips is not None and skips.shards else ""))
-            idle = 0 if drawn else idle + 1
-            if idle >= IDLE_PASSES:
-                raise UserError(
-                    f"data.sampling = \"rare_class\" drew none of training slot {slot}'s samples in {idle} passes "
-                    "in a row: too few of its samples hold a counted class; lower data.rare_class_min_pixels, "
-                    "use fewer processes or workers, or set data.sampling = \"uniform\""
-                )
+    def __init__(self, transform: Callable, seed: int, colour: ColourJitter | None = None) -> None:
+        self.transform, self.seed, self.colour = transform, seed, colour
 
     @property
     def collate(self) -> Callable:
-        """How this stream's samples batch: stacked crops, or with geometry on the device the stored
-        frames in one canvas and their placements (DeviceGeometry.collate)."""
+        """How these samples batch: stacked crops, or with geometry on the device the stored frames in
+        one canvas and their placements (DeviceGeometry.collate)."""
         return self.transform.collate if isinstance(self.transform, DeviceGeometry) else default_collate
 
-    def augment(self, image: np.ndarray, mask: np.ndarray, worker: int, n: int) -> tuple[torch.Tensor, ...]:
-        """Sample n of loader worker `worker` after the CPU pipeline, seeded as the stream seeds it:
-        (image, mask), plus the colour factors when the preset jitters colour. With geometry on the
-        device (`transform` a DeviceGeometry): (stored image, stored mask, its placement matrix, ...)."""
-        rng = np.random.default_rng([self.seed, self.rank, worker, n, 2])
+    def __call__(self, image: np.ndarray, mask: np.ndarray, t: int) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng([self.seed, t, 2])
         if isinstance(self.transform, DeviceGeometry):  # the frame as stored, and where its pixels go
             sample = (torch.from_numpy(image), mask_tensor(mask),
                       torch.from_numpy(self.transform.draw(rng, *mask.shape[:2])))
@@ -227,37 +202,81 @@ class TrainStream(IterableDataset):
             sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
         if self.colour is None:
             return sample
-        return *sample, torch.from_numpy(self.colour.draw(np.random.default_rng([self.seed, self.rank, worker, n, 3])))
+        return *sample, torch.from_numpy(self.colour.draw(np.random.default_rng([self.seed, t, 3])))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader_worker, workers = _slot()
-        # The DataLoader takes batch j from worker j % workers, starting at worker 0 in every new
-        # loader; batch start_batch + j of the uninterrupted run came from worker
-        # (start_batch + j) % workers. So this worker plays that one's part (its slot, seeds, position).
-        worker = (loader_worker + self.start_batch) % workers
-        skip = self._skip(worker, workers)
-        skips = _Skips(self.rank, worker) if self.on_corrupt == "skip" else None
-        pending: list[int] = []  # positions of samples that did not decode, filled by the next one that does
-        pending_pass = 0
-        for n, (p, sample) in enumerate(self._raw(worker, workers, skips)):
-            if n < skip:
-                continue  # resuming: already consumed before the checkpoint; not decoded
+
+class _Skips:
+    """What one process skipped under on_corrupt = "skip": counted, and a warning per occurrence."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def sample(self, exc: CorruptSample) -> None:
+        self.samples += 1
+        log.warning("data.on_corrupt=skip: skipping sample %s of shard %s (it %s); this process skipped %d so far",
+                    exc.key, exc.url, exc.reason, self.samples)
+
+
+class TrainStream(Dataset):
+    """Augmented training sample at each run position (a map-style dataset: `train_loader` asks for
+    positions by `GlobalBatches`); see the module docstring. `manifest` must hold member offsets
+    (segdist.data.manifest.check_indexed)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        seed: int,
+        transform: Callable,
+        shuffle_buffer: int,
+        on_corrupt: str = "fail",
+        probabilities: np.ndarray | None = None,
+        colour: ColourJitter | None = None,
+        reduce_for: Callable[[int, int], int] | None = None,
+    ) -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        check_indexed(manifest)
+        self.sources = manifest.sources()
+        # (shard, key, members) of every sample, in manifest order
+        self.samples = [(j, key, members) for j, shard in enumerate(manifest.shards) for key, members in shard.members]
+        self.order = PassOrder([s.samples for s in manifest.shards], seed, shuffle_buffer, probabilities)
+        self.augment = SampleAugment(transform, seed, colour)
+        self.reduce_for = reduce_for  # JPEGs decoded at the scale the preset shrinks them to first
+        self.num_classes, self.ignore_index = manifest.num_classes, manifest.ignore_index
+        self.on_corrupt = on_corrupt
+        self._skips = _Skips()
+
+    @property
+    def collate(self) -> Callable:
+        return self.augment.collate
+
+    def key_at(self, t: int) -> str:
+        """The key of the sample at run position t (before any skip)."""
+        return self.samples[self.order.sample_at(t)][1]
+
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask) of the sample at manifest index `index`, decoded for training."""
+        shard, key, members = self.samples[index]
+        raw = read_sample(self.sources[shard], key, members)
+        _, image, mask = decode_sample(raw, self.num_classes, self.ignore_index, self.reduce_for)
+        return image, mask
+
+    def __getitem__(self, t: int) -> tuple[torch.Tensor, ...]:
+        p, i = divmod(int(t), self.order.size)
+        order = self.order(p)
+        for step in range(self.order.size):
             try:
-                _, image, mask = decode_sample(sample, self.num_classes, self.ignore_index, self.reduce_for)
+                image, mask = self.decoded(int(order[(i + step) % self.order.size]))
+                break
             except CorruptSample as exc:
-                if skips is None:
+                if self.on_corrupt == "fail":
                     raise
-                skips.sample(exc)
-                if not pending:
-                    pending_pass = p
-                elif p > pending_pass + 1:  # a whole pass went by without one sample that decodes
-                    raise UserError(f"no sample of training slot {self.rank * workers + worker} decodes: "
-                                    "the shards are broken; run launch/shard.py verify --deep") from None
-                pending.append(n)
-                continue
-            for m in (*pending, n):
-                yield self.augment(image, mask, worker, m)
-            pending.clear()
+                self._skips.sample(exc)
+        else:
+            raise UserError(f"no sample of the training split decodes ({self.order.size} tried): the shards are "
+                            "broken; run launch/shard.py verify --deep and re-convert")
+        return self.augment(image, mask, int(t))
 
 
 class EvalStream(IterableDataset):
@@ -276,12 +295,13 @@ class EvalStream(IterableDataset):
             yield key, torch.from_numpy(image), mask_tensor(mask)
 
 
-def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
-    """The stream's batches, as `stream.collate` makes them."""
+def train_loader(stream: TrainStream, batches: GlobalBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+    """This rank's micro-batches, endless, as `stream.collate` makes them, in `batches`' order
+    whatever the worker count (the DataLoader hands micro-batches to workers in turn and returns them
+    in order)."""
     return DataLoader(
-        stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=stream.collate,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        stream, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=stream.collate, persistent_workers=False, prefetch_factor=4 if num_workers else None,
         worker_init_fn=init_loader_worker,  # signals are the training process's to handle
     )
 

@@ -40,6 +40,7 @@ def train(recipe: Recipe, resume: str = "no") -> dict | None:
     """Train `recipe` (resume: "no", "must" or "auto", see check_run). Returns the final val
     metrics, or None when a stop signal ended the run early (after a checkpoint)."""
     setup = check_run(recipe, resume)
+    recipe = setup.recipe  # train.grad_accum resolved against the world size
     if setup.finished:
         return report_finished(setup)
     parts = build_parts(recipe, setup)

@@ -17,7 +17,7 @@ import torch
 from segdist.checkpoint import Pieces, latest_checkpoint
 from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
-from segdist.data.manifest import Manifest, check_crop_fits, check_reachable, check_same_labels, load_split
+from segdist.data.manifest import Manifest, check_crop_fits, check_indexed, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import DistContext, launch_context
 from segdist.errors import UserError
@@ -54,8 +54,8 @@ class Setup:
     """train.precision resolved against this process's device (segdist.precision)."""
     dist: DistContext
     """This process's rank and world, as the launcher set them (read once, here)."""
-    draws: tuple | None = None
-    """data.sampling = "rare_class": each training sample's draw probability and the shard offsets
+    draws: object = None
+    """data.sampling = "rare_class": each training sample's draw probability, in manifest order
     (segdist.data.sampling.training_draws); None = uniform passes."""
 
     @property
@@ -76,10 +76,12 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     classes = resolve_classes(recipe.model, train_m)
     check_same_labels(train_m, val_m)
     check_crop_fits(train_m, recipe.data.crop)
+    check_indexed(train_m)  # the training stream reads samples by their offsets
     precision = resolve_precision(recipe.train.precision)
     InferenceMode.from_recipe(recipe)  # eval.stride against the window, before any process group
     dist = launch_context()
     world = dist.world
+    recipe = resolve_accumulation(recipe, world)
     if recipe.data.batch_size == 1 and not (recipe.model.sync_bn and torch.cuda.is_available() and world > 1):
         check_batch_norms_train(recipe.model, classes, tuple(recipe.data.crop))
     if recipe.data.batch_size * world > train_m.num_samples:
@@ -101,19 +103,44 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
             "or set train.run_dir to a new folder"
         )
     resume_from = latest if resume != "no" else None
-    start = check_resumable(resume_from, recipe) if resume_from is not None else 0
+    start = check_resumable(resume_from, recipe, world) if resume_from is not None else 0
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
                  precision=precision, dist=dist, draws=draws)
 
 
-def check_resumable(path: Path, recipe: Recipe) -> int:
-    """The step a checkpoint holds, if this recipe can continue from it (same model and optimizer)."""
-    step = int(json.loads((path / "state.json").read_text())["step"])
+def resolve_accumulation(recipe: Recipe, world: int) -> Recipe:
+    """The recipe with train.grad_accum a number: with train.global_batch G set, "auto" becomes
+    G / (processes x data.batch_size), and a number must give G; the one-line error names the keys."""
+    train, batch = recipe.train, recipe.data.batch_size
+    G, per_step = train.global_batch, world * batch
+    if G is None:
+        return recipe
+    plural = "es" if world > 1 else ""
+    if train.grad_accum == "auto":
+        if G % per_step:
+            raise UserError(
+                f"train.global_batch = {G} is not divisible by {world} process{plural} x data.batch_size {batch}: "
+                "choose a data.batch_size (or a process count) whose product with the other divides it")
+        return dataclasses.replace(recipe, train=dataclasses.replace(train, grad_accum=G // per_step))
+    if per_step * train.grad_accum != G:
+        raise UserError(
+            f"train.global_batch = {G}, but {world} process{plural} x data.batch_size {batch} x train.grad_accum "
+            f'{train.grad_accum} = {per_step * train.grad_accum}: set train.grad_accum = "auto"'
+            + (f" (it gives {G // per_step})" if G % per_step == 0 else ", and a data.batch_size that divides it"))
+    return recipe
+
+
+def check_resumable(path: Path, recipe: Recipe, world: int) -> int:
+    """The step a checkpoint holds, if this recipe on `world` processes can continue from it: the same
+    model and optimizer, and the same data to come (seed and global batch, segdist.data.stream)."""
+    state = json.loads((path / "state.json").read_text())
+    step = int(state["step"])
     try:
         saved = tomllib.loads((path / "recipe.toml").read_text())
     except (OSError, tomllib.TOMLDecodeError):
         saved = {}
-    for section, key in (("model", "arch"), ("model", "encoder"), ("model", "classes"), ("optim", "name")):
+    for section, key in (("model", "arch"), ("model", "encoder"), ("model", "classes"), ("optim", "name"),
+                         ("train", "seed")):
         before = saved.get(section, {}).get(key)
         now = getattr(getattr(recipe, section), key)
         before = parse_null(before)
@@ -122,9 +149,31 @@ def check_resumable(path: Path, recipe: Recipe) -> int:
                 f"checkpoint {path} was trained with {section}.{key} = {before!r}, this recipe has {now!r}: "
                 f"resume with {path.parent.parent / 'recipe.toml'}, or set train.run_dir to a new folder"
             )
+    check_global_batch(path, state, recipe, world)
     if step > recipe.train.steps:
         raise UserError(f"checkpoint {path} is at step {step}, past train.steps = {recipe.train.steps}: raise train.steps")
     return step
+
+
+def check_global_batch(path: Path, state: dict, recipe: Recipe, world: int) -> None:
+    """A resume keeps the global batch G = processes x data.batch_size x train.grad_accum, the unit in
+    which the data advances: any layout with the same G continues with exactly the samples that came
+    next; another G is a new run (train.init_from)."""
+    saved = int(state.get("global_batch") or 0)
+    batch, accum = recipe.data.batch_size, recipe.train.grad_accum
+    if not saved or saved == world * batch * accum:
+        return
+    was = f"{state.get('world_size')} x {state.get('batch_size')} x {state.get('grad_accum')}"
+    if saved % (world * accum) == 0:
+        fix = f"set data.batch_size = {saved // (world * accum)}"
+    else:
+        fix = (f"{saved} is not divisible by {world} process{'es' if world > 1 else ''} x train.grad_accum {accum}: "
+               "change train.grad_accum or the process count")
+    raise UserError(
+        f"checkpoint {path} was trained with a global batch of {saved} samples (processes x data.batch_size x "
+        f"train.grad_accum = {was}), this run has {world} x {batch} x {accum} = {world * batch * accum}: {fix} to "
+        "resume, or start a new run from its weights with train.init_from"
+    )
 
 
 @dataclass

@@ -12,7 +12,8 @@ from segdist.train.step import StepOutcome
 
 log = logging.getLogger("segdist")
 
-LAYOUT_KEYS = ("world_size", "num_workers", "precision", "precision_reason")
+LAYOUT_KEYS = ("world_size", "num_workers", "batch_size", "grad_accum", "precision", "precision_reason")
+COUNTERS = ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps", "overflow_in_a_row", "global_batch", "seed")
 
 
 @dataclass
@@ -27,17 +28,26 @@ class TrainState:
     overflow_steps: int = 0
     """fp16 steps the GradScaler skipped for an overflow (not bad steps)."""
     overflow_in_a_row: int = 0
+    global_batch: int = 0
+    """G = processes x data.batch_size x train.grad_accum: samples per optimizer step over all ranks.
+    A resume must keep it (segdist.train.setup.check_resumable); 0 in checkpoints from before."""
+    seed: int = 0
+    """train.seed, which with G and the position fixes the data that comes next."""
     layout: dict = field(default_factory=dict)
-    """World size, loader workers and precision: of this run once it started, of the saved run
-    right after a load (a resume on another layout continues, but not bit-identically)."""
+    """World size, loader workers, per-process batch, accumulation and precision: of this run once it
+    started, of the saved run right after a load (a resume with the same G on another layout continues
+    with the same global batches; another precision continues, but not bit-identically)."""
+
+    @property
+    def position(self) -> int:
+        """Training samples consumed, over all ranks: where the data continues (segdist.data.stream)."""
+        return self.step * self.global_batch
 
     def state_dict(self) -> dict:
-        counters = {k: getattr(self, k) for k in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps",
-                                                  "overflow_in_a_row")}
-        return {**counters, **self.layout}
+        return {**{k: getattr(self, k) for k in COUNTERS}, "position": self.position, **self.layout}
 
     def load_state_dict(self, saved: dict) -> None:
-        for name in ("step", "best_miou", "bad_steps", "bad_in_a_row", "overflow_steps", "overflow_in_a_row"):
+        for name in COUNTERS:
             setattr(self, name, type(getattr(self, name))(saved.get(name, getattr(self, name))))
         self.layout = {k: saved.get(k) for k in LAYOUT_KEYS}
 

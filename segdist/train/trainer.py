@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from segdist import report
-from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, save_checkpoint, set_rng_state
+from segdist.checkpoint import load_rng_state, prune_checkpoints, publish_copy, save_checkpoint, seed_rng, set_rng_state
 from segdist.data.manifest import Manifest
 from segdist.data.sample import decode_sample, read_shard
 from segdist.data.sampling import class_probabilities
-from segdist.data.stream import TrainStream, train_loader
+from segdist.data.stream import GlobalBatches, TrainStream, train_loader
 from segdist.distributed import StopSignal, loader_workers
 from segdist.evaluate import evaluate, predict_sample
 from segdist.fileio import atomic_write_text
@@ -52,10 +52,16 @@ class Trainer:
         self.precision = setup.precision
         # Resolved once: the loader, the layout a resume compares and the log all see this count.
         self.num_workers, self.num_workers_reason = loader_workers(r.data.num_workers)
+        self.world_changed = False
+        # Samples per optimizer step over all ranks: the same as the checkpoint's (check_run refused another).
+        self.state.global_batch = accelerator.num_processes * r.data.batch_size * r.train.grad_accum
+        self.state.seed = r.train.seed
         if setup.resume_from is not None:
-            log.info("resumed from %s at step %d", setup.resume_from, self.state.step)
-            self._warn_if_layout_changed()
+            log.info("resumed from %s at step %d (sample %d of the run)", setup.resume_from, self.state.step,
+                     self.state.position)
+            self._log_layout_change()
         self.state.layout = {"world_size": accelerator.num_processes, "num_workers": self.num_workers,
+                             "batch_size": r.data.batch_size, "grad_accum": r.train.grad_accum,
                              "precision": self.precision.name, "precision_reason": self.precision.reason}
         _check_ranks_agree(accelerator, self.state.step)
         # The scheduler is deliberately not prepared: a prepared one steps once per process (docs/design-notes.md).
@@ -163,24 +169,26 @@ class Trainer:
         return [next(self.batches) for _ in range(self.r.train.grad_accum)]
 
     def _start_data(self):
-        """The training batches from the step reached, then the RNG state of the checkpoint: the one
-        the uninterrupted run had right after it (dropout and drop-path draw from it), restored after
-        making the loader's iterator, which draws from it too."""
+        """This rank's micro-batches from the position reached, then the RNG state: the checkpoint's
+        (the one the uninterrupted run had right after it: dropout and drop-path draw from it),
+        restored after making the loader's iterator, which draws from it too; on another world size,
+        where ranks do not correspond, one derived from the seed, the position and the rank."""
         r, setup, accelerator = self.r, self.setup, self.accelerator
-        manifest = setup.train_manifest
         stream = TrainStream(
-            manifest.sources(), rank=accelerator.process_index, world=accelerator.num_processes,
-            seed=r.train.seed, transform=self.transform, colour=self.colour, reduce_for=self.reduce_for,
-            num_classes=manifest.num_classes,
-            ignore_index=manifest.ignore_index, shuffle_buffer=r.data.shuffle_buffer, batch_size=r.data.batch_size,
-            start_batch=self.state.step * r.train.grad_accum, on_corrupt=r.data.on_corrupt,
-            **({} if setup.draws is None else {"probabilities": setup.draws[0], "offsets": setup.draws[1]}),
+            setup.train_manifest, seed=r.train.seed, transform=self.transform, colour=self.colour,
+            reduce_for=self.reduce_for, shuffle_buffer=r.data.shuffle_buffer, on_corrupt=r.data.on_corrupt,
+            probabilities=setup.draws,
         )
-        batches = iter(train_loader(stream, self.num_workers, pin_memory=accelerator.device.type == "cuda"))
-        rng = load_rng_state(setup.resume_from, accelerator.process_index) if setup.resume_from else None
-        if rng is not None:
-            set_rng_state(rng)
-        return batches
+        batches = GlobalBatches(accelerator.process_index, accelerator.num_processes, r.data.batch_size,
+                                r.train.grad_accum, start=self.state.position)
+        loader = iter(train_loader(stream, batches, self.num_workers, pin_memory=accelerator.device.type == "cuda"))
+        if setup.resume_from is not None:
+            rng = None if self.world_changed else load_rng_state(setup.resume_from, accelerator.process_index)
+            if rng is not None:
+                set_rng_state(rng)
+            else:
+                seed_rng(r.train.seed, self.state.position, accelerator.process_index)
+        return loader
 
     def _finish(self, metrics: dict | None) -> dict | None:
         r, accelerator, step = self.r, self.accelerator, self.state.step
@@ -239,17 +247,21 @@ class Trainer:
                      100 * perf["data_wait_share"], perf["samples_per_s"], perf["pixels_per_s"] / 1e6,
                      perf["peak_memory_mb"], mfu, f", {state.bad_steps} skipped steps" if state.bad_steps else "")
 
-    def _warn_if_layout_changed(self) -> None:
+    def _log_layout_change(self) -> None:
+        """A resume on another layout with the same global batch continues with exactly the samples
+        that came next (the G check was check_run's); say what still differs."""
         saved, accelerator, r, precision = self.state.layout, self.accelerator, self.r, self.precision
         if saved.get("precision") not in (None, precision.name):
             log.warning("resuming in %s (%s); the checkpoint was trained in %s: training continues, but not "
                         "bit-identical to an uninterrupted run", precision.name, precision.reason, saved["precision"])
-        if saved.get("world_size") != accelerator.num_processes or saved.get("num_workers") != self.num_workers:
-            log.warning(
-                "resuming with %d processes x %d workers (checkpoint: %s x %s): training continues, but the "
-                "data order differs from an uninterrupted run", accelerator.num_processes, self.num_workers,
-                saved.get("world_size"), saved.get("num_workers"),
-            )
+        now = (accelerator.num_processes, r.data.batch_size, r.train.grad_accum)
+        before = tuple(saved.get(k) for k in ("world_size", "batch_size", "grad_accum"))
+        self.world_changed = saved.get("world_size") != accelerator.num_processes
+        if before != now:
+            log.info(
+                "resuming as %d processes x batch %d x accumulation %d (checkpoint: %s x %s x %s): the same global "
+                "batches continue; float summation order and per-micro-batch BatchNorm statistics differ, and the "
+                "RNG of dropout is re-derived per rank (docs/training.md)", *now, *before)
 
 
 def _check_ranks_agree(accelerator, step: int) -> None:

@@ -297,6 +297,29 @@ def shard_changed_since_conversion(c: Ctx) -> Case:
 
 
 @case
+def index_shard_changed_since_conversion(c: Ctx) -> Case:
+    # `index` reads every shard to find its member offsets and checks its sha256 as it goes: a shard
+    # that is not the manifest's is named, and no manifest changes.
+    root = c.data()
+    for path in root.glob("*.json"):
+        raw = json.loads(path.read_text())
+        for info in raw["shards"]:
+            del info["members"]
+        path.write_text(json.dumps(raw))
+    changed = root / "val7-000001.tar"
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    return Case(shard("index", root), ("val7-000001.tar", "sha256 differs", "re-run the conversion"), unchanged=root)
+
+
+@case
+def index_a_remote_root(c: Ctx) -> Case:
+    return Case(shard("index", "https://data.example.org/shards"), ("https://data.example.org/shards",
+                                                                     "not a local folder", "index the folder"))
+
+
+@case
 def image_bytes_corrupt(c: Ctx) -> Case:
     # Same size, valid tar, damaged PNG data in every image: the first sample read is named.
     root = c.data()

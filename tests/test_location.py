@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -199,3 +200,125 @@ def test_training_from_a_url_with_a_missing_shard_stops_before_writing(tiny_reci
     assert result.stderr.strip().splitlines()[-1].endswith(
         f"shard {server.url}/train-000003.tar: HTTP 404 (not found); check data.root and the credentials")
     assert not (tmp_path / "run").exists()
+
+
+# -- reading one sample by position ----------------------------------------------------------------
+def by_position(manifest, order=None) -> list[dict]:
+    """Every sample of a split read by position (read_sample), without `__url__`; in `order`
+    (indices into shard order) when given."""
+    from segdist.data.sample import read_sample
+
+    where = [(src, key, members) for info, src in zip(manifest.shards, manifest.sources()) for key, members in info.members]
+    if order is not None:
+        where = [where[i] for i in order]
+    return [{k: v for k, v in read_sample(*w).items() if k != "__url__"} for w in where]
+
+
+ORDER = [5, 0, 6, 2, 1, 4, 3]
+"""A shuffled order of val7's 7 samples."""
+
+
+def test_samples_read_by_position_over_http_are_range_requests_one_per_sample(shapes_root):
+    local = samples(load_manifest(shapes_root, "val7"))
+    with serving(shapes_root) as server:
+        remote = load_manifest(server.url, "val7")
+        assert by_position(remote, ORDER) == [local[i] for i in ORDER]
+        shard_gets = {name: n for name, n in server.gets.items() if name.endswith(".tar")}
+        assert shard_gets == {s.file: s.samples for s in remote.shards} and server.ranges == server.gets - Counter(["val7.json"])
+        # a connection cut in the middle of a range resumes at the byte where it broke off
+        name = remote.shards[1].file
+        server.cut_once(name, 100)
+        assert by_position(remote) == local
+        assert server.gets[name] == 2 * remote.shards[1].samples + 1 and not server.cuts
+
+
+def test_a_server_that_ignores_ranges_or_a_short_shard_is_one_line(shapes_root, tmp_path):
+    from segdist.data.sample import CorruptSample, read_sample
+
+    served = tmp_path / "served"
+    shutil.copytree(shapes_root, served)
+    with serving(served) as server:
+        remote = load_manifest(server.url, "val7")
+        info, source = remote.shards[0], remote.sources()[0]
+        server.honour_ranges = False
+        key, members = info.members[1]
+        with pytest.raises(UserError, match=rf"^shard {server.url}/{info.file}: the server sent more than the \d+ bytes "
+                                            rf"asked for from byte {members[0][1]}: it ignores HTTP range requests; "
+                                            "set data.cache_dir"):
+            read_sample(source, key, members)
+        server.honour_ranges = True
+        path = served / info.file
+        path.write_bytes(path.read_bytes()[:members[-1][1]])  # cut inside sample 1: sample 2 lies past the end
+        for key, members in info.members[1:]:  # a 206 with fewer bytes, then a 416
+            with pytest.raises(CorruptSample, match=rf"^sample {key} in {server.url}/{info.file} is cut short"):
+                read_sample(source, key, members)
+        assert read_sample(source, *info.members[0])["__key__"] == info.members[0][0]
+
+
+@pytest.mark.slow  # waits out real timeouts (~20 s)
+def test_a_server_that_goes_silent_mid_range_is_retried_then_one_line(shapes_root):
+    from segdist.data.sample import read_sample
+
+    local = samples(load_manifest(shapes_root, "val7"))
+    with serving(shapes_root) as server:
+        remote = load_manifest(server.url, "val7", retries=1, timeout=1)
+        info, source = remote.shards[2], remote.sources()[2]
+        key, members = info.members[0]
+        server.stall(info.file, 100)
+        start = time.monotonic()
+        got = read_sample(source, key, members)
+        assert {k: v for k, v in got.items() if k != "__url__"} == local[6] and time.monotonic() - start < 30
+        assert server.ranges[info.file] == 2
+        server.stall(info.file, 100, times=2)
+        with pytest.raises(UserError, match=rf"^shard {server.url}/{info.file}: reading failed 2 times, the last at byte "
+                                            r"(\d+) \(no bytes for 1 s, data.fetch_timeout\)") as err:
+            read_sample(source, key, members)
+        # within the range: each try sent 100 bytes of what was left of it, handed on or not as the
+        # silence fell between curl's reads
+        assert members[0][1] <= int(re.search(r"at byte (\d+)", str(err.value))[1]) <= members[0][1] + 200
+
+
+def test_with_a_cache_each_shard_is_fetched_whole_once_then_read_locally(shapes_root, tmp_path):
+    local = samples(load_manifest(shapes_root, "val7"))
+    cache = tmp_path / "cache"
+    with serving(shapes_root) as server:
+        remote = load_manifest(server.url, "val7", cache_dir=str(cache))
+        assert by_position(remote, ORDER) == [local[i] for i in ORDER]
+        assert {n: c for n, c in server.gets.items() if n.endswith(".tar")} == {s.file: 1 for s in remote.shards}
+        assert not server.ranges
+        assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s.sha256}.tar" for s in remote.shards)
+        gets = sum(server.gets.values())
+        assert by_position(remote) == local and sum(server.gets.values()) == gets
+
+
+def test_by_position_a_shard_that_is_not_the_manifests_is_a_shard_error_and_never_cached(shapes_root, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(shapes_root, served)
+    shutil.copy(served / "val7-000000.tar", served / "val7-000001.tar")
+    with serving(served) as server:
+        remote = load_manifest(server.url, "val7", cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(ShardError, match=rf"^shard {server.url}/val7-000001.tar is truncated or corrupt \(its \d+ "
+                                             r"bytes have sha256 .* the manifest says"):
+            by_position(remote)
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{remote.shards[0].sha256}.tar"]  # the good one
+
+
+def test_a_pipe_root_reads_by_position_through_its_cache_only(shapes_root, tmp_path):
+    local = samples(load_manifest(shapes_root, "val7"))
+    with pytest.raises(UserError, match=r"is a pipe: command, which cannot read one sample of a shard: set data.cache_dir"):
+        by_position(load_manifest(f"pipe:cat {shapes_root}/{{name}}", "val7"))
+    piped = load_manifest(f"pipe:cat {shapes_root}/{{name}}", "val7", cache_dir=str(tmp_path / "cache"))
+    assert by_position(piped, ORDER) == [local[i] for i in ORDER]
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_an_fsspec_root_reads_by_position_with_a_seek(shapes_root):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for path in shapes_root.glob("val7*"):
+        fs.pipe(f"/byposition/{path.name}", path.read_bytes())
+    try:
+        remote = load_manifest("memory://byposition", "val7")
+        assert by_position(remote, ORDER) == [[*samples(load_manifest(shapes_root, "val7"))][i] for i in ORDER]
+    finally:
+        fs.rm("/byposition", recursive=True)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from segdist.data.manifest import load_manifest, manifest_path
+from segdist.data.manifest import check_indexed, check_random_access, load_manifest, manifest_path
 from segdist.errors import UserError
 
 
@@ -32,6 +32,11 @@ def copy_split(shapes_root, tmp_path, change) -> str:
     (lambda raw: raw.update(num_samples=8), "shard sample counts do not add up"),
     (lambda raw: raw.update(num_samples=0, shards=[]), "is empty"),
     (lambda raw: raw["shards"][0].update(file="gone.tar"), "gone.tar listed in"),
+    (lambda raw: raw["shards"][0]["members"].pop(), "is corrupt (shard val7-000000.tar records the members of 2 samples, not 3)"),
+    (lambda raw: raw["shards"][1]["members"][0].pop(), "is corrupt (not enough values to unpack"),
+    (lambda raw: raw["shards"][1]["members"][0][1][0].pop(), "is corrupt (not enough values to unpack"),
+    (lambda raw: raw["shards"][1]["members"][0][1][0].__setitem__(1, -5), "negative offset or size for sample"),
+    (lambda raw: raw["shards"][2]["members"][0].__setitem__(1, []), "records no members or a negative"),
 ])
 def test_a_bad_manifest_is_one_line(shapes_root, tmp_path, change, needle):
     split = copy_split(shapes_root, tmp_path, change)
@@ -45,3 +50,35 @@ def test_a_missing_root_or_split_says_how_to_convert(tmp_path):
         load_manifest(tmp_path / "nowhere", "train")
     with pytest.raises(UserError, match=r"--split train --out"):
         load_manifest(tmp_path, "train")
+
+
+def test_member_offsets_are_read_and_their_absence_says_how_to_add_them(shapes_root, tmp_path):
+    m = load_manifest(shapes_root, "val7")
+    assert m.indexed and [len(s.members) for s in m.shards] == [s.samples for s in m.shards]
+    key, members = m.shards[0].members[0]
+    assert [kind for kind, _, _ in members] == ["image.png", "mask.png"] and members[0][1] == 512
+    check_indexed(m)
+    check_random_access(m)
+
+    def strip(raw):
+        for shard in raw["shards"][1:]:
+            del shard["members"]
+
+    split = copy_split(shapes_root, tmp_path, strip)
+    old = load_manifest(tmp_path, split)
+    assert not old.indexed and old.shards[0].members is not None and old.shards[1].members is None
+    assert "members" not in old.to_json()["shards"][1]  # absent, as in a manifest converted before
+    with pytest.raises(UserError) as err:
+        check_random_access(old)
+    assert str(err.value) == (
+        f"manifest {tmp_path}/val7.json records no member offsets (converted before segdist recorded them), which "
+        f"reading samples by position needs: re-run launch/shard.py, or run launch/shard.py index {tmp_path}, a "
+        "cheap pass that adds them without re-encoding")
+
+
+def test_a_pipe_root_reads_by_position_only_through_a_cache(shapes_root, tmp_path):
+    piped = load_manifest(f"pipe:cat {shapes_root}/{{name}}", "val7")
+    with pytest.raises(UserError, match=r"^data.root 'pipe:cat .*/\{name\}' is a pipe: command, which cannot read "
+                                        r"one sample of a shard: set data.cache_dir"):
+        check_random_access(piped)
+    check_random_access(load_manifest(f"pipe:cat {shapes_root}/{{name}}", "val7", cache_dir=str(tmp_path)))

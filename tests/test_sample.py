@@ -154,3 +154,80 @@ def test_jpegs_decode_reduced_for_training_with_their_masks_shrunk_to_match():
     bad = dict(sample, **{"mask.png": encode_png(mask[:, :200])})  # the size check sees the full frame
     with pytest.raises(UserError, match=r"image \(100, 203\) and mask \(100, 200\) differ"):
         decode_sample(bad, 3, 255, reduce_for=lambda h, w: 4)
+
+
+# -- reading one sample by position ---------------------------------------------------------------
+def indexed_samples(manifest):
+    """(source, key, members) of every sample of a split, in shard order."""
+    return [(src, key, members) for info, src in zip(manifest.shards, manifest.sources()) for key, members in info.members]
+
+
+def test_read_sample_gives_what_read_shard_gives_for_every_sample_in_any_order(shapes_root):
+    import random
+
+    from segdist.data.manifest import load_manifest
+    from segdist.data.sample import read_sample
+
+    manifest = load_manifest(shapes_root, "train")
+    scanned = {s["__key__"]: s for src in manifest.sources() for s in read_shard(src)}
+    order = indexed_samples(manifest)
+    random.Random(0).shuffle(order)
+    for src, key, members in order:
+        assert read_sample(src, key, members) == scanned[key]
+        assert read_sample(src.address, key, members) == scanned[key]  # a path: the same, __url__ included
+    assert len(order) == len(scanned) == 48
+
+
+def test_read_sample_of_a_truncated_shard_is_a_corrupt_sample(shapes_root, tmp_path):
+    from segdist.data.manifest import load_manifest
+    from segdist.data.sample import CorruptSample, read_sample
+
+    manifest = load_manifest(shapes_root, "val7")
+    info, path = manifest.shards[0], tmp_path / manifest.shards[0].file
+    data = (shapes_root / info.file).read_bytes()
+    (first, first_members), (second, second_members) = info.members[:2]
+    cut = second_members[-1][1] - 10  # inside the second sample's last member
+    path.write_bytes(data[:cut])
+    assert read_sample(path, first, first_members)["image.png"] == data[first_members[0][1]:][:first_members[0][2]]
+    with pytest.raises(CorruptSample, match=rf"^sample {second} in {path} is cut short: the shard holds \d+ of its "
+                                            rf"\d+ bytes from byte {second_members[0][1]}; run launch/shard.py verify"):
+        read_sample(path, second, second_members)
+    with pytest.raises(UserError, match=rf"shard {tmp_path}/gone.tar cannot be opened \(No such file or directory\)"):
+        read_sample(tmp_path / "gone.tar", first, first_members)
+
+
+def _read_in_child(args) -> tuple[int, bool]:
+    """(files the worker's cache held before this read, whether it read the sample right)."""
+    from segdist.data.sample import _OPEN_SHARDS, read_sample
+
+    held = len(_OPEN_SHARDS._fds)
+    src, key, members, want = args
+    return held, read_sample(src, key, members) == want
+
+
+def test_read_sample_keeps_a_few_files_open_and_a_forked_worker_its_own(shapes_root):
+    import multiprocessing
+    import os
+
+    from segdist.data.manifest import load_manifest
+    from segdist.data.sample import _OPEN_SHARDS, _OpenShards, read_sample
+
+    manifest = load_manifest(shapes_root, "train")
+    (src, key, members), *_ = indexed_samples(manifest)
+    want = read_sample(src, key, members)
+    assert str(src.address) in _OPEN_SHARDS._fds  # opened in this process, kept open
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # as a DataLoader forks its workers
+        # none of the parent's files at first; then its own, kept open
+        assert pool.map(_read_in_child, [(src, key, members, want)] * 2, chunksize=1) == [(0, True), (1, True)]
+    assert read_sample(src, key, members) == want  # the parent's descriptor is still good
+
+    paths = manifest.shard_paths()[:3]
+    lru = _OpenShards(size=2)
+    assert [lru.pread(p, 0, 5) for p in paths] == [p.read_bytes()[:5] for p in paths]
+    assert list(lru._fds) == [str(p) for p in paths[1:]]
+    assert lru.pread(paths[1], 512, 3) == paths[1].read_bytes()[512:515] and list(lru._fds)[-1] == str(paths[1])
+    fds = list(lru._fds.values())
+    lru.forget()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

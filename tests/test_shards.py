@@ -115,3 +115,28 @@ def test_rerun_replaces_cleanly(tmp_path):
 def test_missing_manifest_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_manifest(tmp_path, "nope")
+
+
+def test_recorded_member_offsets_hold_exactly_what_tarfile_extracts(tmp_path):
+    """Every kind the writer stores (PNG, JPEG and raw images, PNG and raw masks, meta), across shard
+    boundaries: each recorded span of the file is the member's bytes, and the spans name every member."""
+    from segdist.data.shards import encode_jpeg, encode_raw
+
+    rng = np.random.default_rng(5)
+    for mask_format in ("png", "raw"):
+        w = ShardWriter(tmp_path, mask_format, dataset="t", classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]],
+                        samples_per_shard=3, mask_format=mask_format)
+        for i in range(7):
+            image = rng.integers(0, 256, (9 + i, 13, 3), dtype=np.uint8)
+            encoded, ext = [(encode_png(image), "png"), (encode_jpeg(image), "jpg"), (encode_raw(image), "npy")][i % 3]
+            w.write(f"k{i}", encoded, ext, rng.integers(0, 2, (9 + i, 13)).astype(np.uint8),
+                    meta={"i": i} if i % 2 else None)
+        manifest = w.close()
+        assert manifest.indexed and [len(s.members) for s in manifest.shards] == [3, 3, 1]
+        for info in manifest.shards:
+            data = (tmp_path / info.file).read_bytes()
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                extracted = {m.name: tar.extractfile(m).read() for m in tar}
+            recorded = {f"{key}.{kind}": data[offset:offset + size] for key, spans in info.members for kind, offset, size in spans}
+            assert recorded == extracted
+        assert load_manifest(tmp_path, mask_format).shards[1].members == manifest.shards[1].members

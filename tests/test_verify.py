@@ -40,8 +40,8 @@ def verify(*argv):
 
 
 def rewrite(path: Path, edit) -> None:
-    """Rewrite a shard's members through `edit(list of (name, bytes))` and fix its sha256 in the
-    manifest, so that only --deep can notice what changed inside."""
+    """Rewrite a shard's members through `edit(list of (name, bytes))` and fix its sha256 and member
+    offsets in the manifest, so that only --deep can notice what changed inside."""
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     members = edit(members)
@@ -54,13 +54,27 @@ def rewrite(path: Path, edit) -> None:
 
 
 def fix_sha(path: Path) -> None:
+    """The manifest's sha256 of a shard, and its member offsets where it records them, made the shard's."""
+    from segdist.data.convert.verify import scan_shard
+
     split = path.name.rsplit("-", 1)[0]
     manifest_file = path.parent / f"{split}.json"
     manifest = json.loads(manifest_file.read_text())
     for info in manifest["shards"]:
         if info["file"] == path.name:
             info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            members = scan_shard(path)[1]
+            if "members" in info and not isinstance(members, str) and len(members) == info["samples"]:
+                info["members"] = members
     manifest_file.write_text(json.dumps(manifest))
+
+
+def strip_members(out: Path, split: str) -> None:
+    """The split's manifest as converted before member offsets were recorded."""
+    manifest = json.loads((out / f"{split}.json").read_text())
+    for info in manifest["shards"]:
+        del info["members"]
+    (out / f"{split}.json").write_text(json.dumps(manifest))
 
 
 def png(array) -> bytes:
@@ -95,7 +109,11 @@ def test_truncated_tar_names_the_shard_even_with_a_matching_sha(out):
     with pytest.raises(UserError, match=r"shard .*train-000002.tar: sha256 differs"):
         verify(out, "--split", "train")
     fix_sha(path)  # a manifest rewritten after the damage: only reading the tar can tell
-    verify(out, "--split", "train")
+    # where the manifest records member offsets, the headers are read with the sha256
+    with pytest.raises(UserError, match=r"shard .*train-000002.tar is not a readable tar \(unexpected end of data\)"):
+        verify(out, "--split", "train")
+    strip_members(out, "train")
+    verify(out, "--split", "train")  # converted before they were recorded: only --deep reads the tar
     with pytest.raises(UserError, match=r"shard .*train-000002.tar (is not a readable tar|holds 0 samples)"):
         verify(out, "--split", "train", "--deep")
 
@@ -139,6 +157,10 @@ def test_deep_finds_a_size_mismatch(out):
 
 def test_deep_finds_a_wrong_sample_count(out):
     rewrite(out / "train-000000.tar", lambda members: [(n, d) for n, d in members if not n.startswith("shapes_0_0000001.")])
+    with pytest.raises(UserError, match=r"shard .*train-000000.tar: member offsets in .*train.json differ from the tar "
+                                        r"\(it records the members of 2 samples, the tar holds 1\)"):
+        verify(out, "--split", "train")
+    strip_members(out, "train")
     with pytest.raises(UserError, match=r"shard .*train-000000.tar holds 1 samples, its manifest says 2"):
         verify(out, "--split", "train", "--deep")
 
@@ -176,3 +198,17 @@ def test_deep_finds_a_raw_image_whose_bytes_do_not_match_its_shape(out):
     with pytest.raises(UserError, match=r"raw-000000.tar sample b: image.npy is not an HxWx3 uint8 array whose bytes "
                                         r"match its recorded shape"):
         verify(out, "--deep")
+
+
+def test_member_offsets_that_are_not_the_tars_name_the_shard_and_the_sample(out):
+    manifest = json.loads((out / "val.json").read_text())
+    key, spans = manifest["shards"][0]["members"][1]
+    spans[1][1] += 512  # the mask recorded one block later than it lies
+    (out / "val.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"^shard .*val-000000.tar: member offsets in .*val.json differ from the tar "
+                                        rf"\(it records {key}: image.png at \d+ \(\d+ bytes\), mask.png at {spans[1][1]} "
+                                        rf"\(\d+ bytes\); the tar holds {key}: .*mask.png at {spans[1][1] - 512} "):
+        verify(out, "--split", "val")
+    strip_members(out, "val")  # a manifest converted before offsets were recorded: the sha256 alone
+    assert verify(out, "--split", "val") == 0
+

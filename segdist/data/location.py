@@ -26,6 +26,13 @@ With `data.cache_dir`, a remote shard read whole and matching its sha256 is kept
 `<sha256>.tar` and read locally from then on. The name is the content's hash, so a shard converted
 again is fetched again; each process writes its own temporary file and renames it into place, so
 several ranks on one node can fill one cache.
+
+Part of a file (one sample, read by position: segdist.data.sample.read_sample) is `read_range`:
+over http(s) a range request (`curl -r`), through fsspec a seek; retried, refused and broken off
+exactly as a whole file is, resuming at the byte where it broke off. A `pipe:` command cannot seek:
+it needs `data.cache_dir` (`check_seekable`), where `ShardSource.ensure_cached` fetches the shard
+whole once. A range read has no sha256 to check: a server that serves other bytes is caught only
+where they do not decode.
 """
 
 from __future__ import annotations
@@ -121,15 +128,46 @@ class ShardSource:
         path = Path(self.cache_dir) / f"{self.sha256}.tar"
         return path if path.is_file() else None
 
+    def ensure_cached(self) -> Path:
+        """The cache's verified copy, fetched whole through `Fetch` first when there is none yet
+        (checked against the manifest's sha256 and committed into data.cache_dir). A fetch that
+        brings other bytes raises ValueError saying why (nothing is kept); one that fails, a
+        `UserError`. Needs `cache_dir` and `sha256`."""
+        if self.cache_dir is None or self.sha256 is None:
+            raise ValueError(f"{self.address}: ensure_cached needs a cache_dir and the manifest's sha256")
+        path = self.cached()
+        if path is not None:
+            return path
+        fetch = Fetch(self)
+        try:
+            problem = fetch.finish()
+        finally:
+            fetch.close()
+        if problem is not None:
+            raise ValueError(problem)
+        return Path(self.cache_dir) / f"{self.sha256}.tar"
+
     def __str__(self) -> str:
         return self.address
 
 
 # -- opening ------------------------------------------------------------------------------------
-def _open(root: str, name: str, timeout: float = 60.0):
+def check_seekable(root: str, cache_dir: str | None) -> None:
+    """Part of a file of this root can be read: a `pipe:` command cannot seek, so without
+    data.cache_dir (whole shards fetched once and read locally) it is a one-line `UserError`."""
+    if root_kind(root) == "pipe" and cache_dir is None:
+        raise UserError(f"data.root {root!r} is a pipe: command, which cannot read one sample of a shard: "
+                        "set data.cache_dir (each shard is then fetched whole once, checked and read from there)")
+
+
+def _open(root: str, name: str, timeout: float = 60.0, span: tuple[int, int] | None = None):
     """A fresh binary stream of a remote file; over http(s) one that ends in curl's exit status
-    CURL_STALLED once no byte came for `timeout` seconds."""
+    CURL_STALLED once no byte came for `timeout` seconds. `span` (first byte, last byte) asks for
+    those bytes only: a range request over http(s), a seek through fsspec (which then reads on past
+    the last byte: the caller stops there)."""
     kind, where = root_kind(root), address(root, name)
+    if span is not None and kind not in ("http", "fsspec"):
+        raise ValueError(f"{where}: a byte range is read over http(s) or fsspec only")
     if kind == "fsspec":
         try:
             import fsspec
@@ -137,9 +175,12 @@ def _open(root: str, name: str, timeout: float = 60.0):
             raise UserError(f"data.root {root} needs fsspec: pip install 'segdist[remote]' and the store's "
                             "package (s3fs, gcsfs or adlfs)") from None
         try:
-            return fsspec.open(where, "rb").open()
+            stream = fsspec.open(where, "rb").open()
         except ImportError as exc:
             raise UserError(f"data.root {root}: {exc}") from None
+        if span is not None:
+            stream.seek(span[0])
+        return stream
     if kind == "http" and shutil.which("curl") is None:
         raise UserError(f"data.root {root}: webdataset reads http(s) through curl, which is not installed: "
                         "install curl (apt-get install curl)")
@@ -149,8 +190,9 @@ def _open(root: str, name: str, timeout: float = 60.0):
         # webdataset's curl command, less its own retries (Fetch retries, resuming at the right byte)
         # and plus a stall limit: a server that accepts, sends a little and goes silent would
         # otherwise hold the read, and a stop signal with it, for good.
+        ranged = ["-r", f"{span[0]}-{span[1]}"] if span is not None else []
         return Pipe(["curl", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time",
-                     str(max(1, round(timeout))), "-f", "-s", "-L", where], mode="rb", bufsize=8192,
+                     str(max(1, round(timeout))), *ranged, "-f", "-s", "-L", where], mode="rb", bufsize=8192,
                     ignore_status=[141, 23])
     return gopen(where, "rb")
 
@@ -166,11 +208,12 @@ def http_status(url: str) -> int | None:
     return int(code) if code.isdigit() and int(code) > 0 else None
 
 
-def _refusal(root: str, name: str, exc: BaseException, status: int | None) -> str | None:
-    """Why a failed open or read will not get better by retrying, or None when it might."""
+def _refusal(root: str, name: str, exc: BaseException, status: int | None, code: int | None = None) -> str | None:
+    """Why a failed open or read will not get better by retrying, or None when it might. `code`: the
+    HTTP status a HEAD request found, where the caller asked already."""
     kind, where = root_kind(root), address(root, name)
     if kind == "http" and status == CURL_HTTP_ERROR:
-        code = http_status(where)
+        code = code or http_status(where)
         reason = _HTTP_REASONS.get(code, "refused") if code else "refused"
         return f"{where}: HTTP {code or 'error'} ({reason})"
     if kind == "fsspec" and isinstance(exc, (FileNotFoundError, PermissionError)):
@@ -181,21 +224,30 @@ def _refusal(root: str, name: str, exc: BaseException, status: int | None) -> st
 
 class Fetch:
     """A remote file read front to back, reopened where it broke off; see the module docstring.
-    `what` names the file in errors ("shard", "manifest")."""
+    `what` names the file in errors ("shard", "manifest"). With `length`, only the `length` bytes
+    from byte `start` are read (`read_range`), never kept in the cache; fewer when the file ends
+    first."""
 
-    def __init__(self, source: ShardSource, what: str = "shard") -> None:
+    def __init__(self, source: ShardSource, what: str = "shard", start: int = 0, length: int | None = None) -> None:
         self.source, self.what = source, what
+        self.start, self.length = start, length
         self.offset = 0
+        """Bytes handed on (from `start`)."""
         self.failures = 0
         self.digest = hashlib.sha256()
         self._stream = None
-        self._keep = AtomicFile(Path(source.cache_dir) / f"{source.sha256}.tar") \
-            if source.cache_dir is not None and source.sha256 is not None else None
+        self._past_end = False  # a range request that began past the file's end (HTTP 416)
+        whole = length is None and source.cache_dir is not None and source.sha256 is not None
+        self._keep = AtomicFile(Path(source.cache_dir) / f"{source.sha256}.tar") if whole else None
 
     def __str__(self) -> str:
         return self.source.address
 
     def _reopen(self) -> None:
+        if self.length is not None:  # a range: ask for what is left of it
+            span = (self.start + self.offset, self.start + self.length - 1)
+            self._stream = _open(self.source.root, self.source.name, self.source.timeout, span)
+            return
         self._stream = _open(self.source.root, self.source.name, self.source.timeout)
         if self.offset and getattr(self._stream, "seekable", lambda: False)():
             self._stream.seek(self.offset)
@@ -210,24 +262,30 @@ class Fetch:
     def _failed(self, exc: BaseException) -> None:
         status = getattr(self._stream, "status", None)
         self._drop()
-        refusal = _refusal(self.source.root, self.source.name, exc, status)
+        http = root_kind(self.source.root) == "http"
+        code = http_status(self.source.address) if http and status == CURL_HTTP_ERROR else None
+        if self.length is not None and code is not None and code < 400:
+            # The file is there, the range was refused (HTTP 416): it starts past the file's end.
+            self._past_end = True
+            return
+        refusal = _refusal(self.source.root, self.source.name, exc, status, code)
         if refusal is not None:
             raise UserError(f"{self.what} {refusal}; check data.root and the credentials") from None
         self.failures += 1
-        http = root_kind(self.source.root) == "http"
         if http and status == CURL_STALLED:
             why = f"no bytes for {self.source.timeout:g} s, data.fetch_timeout"
         elif status is not None:
             why = f"{'curl' if http else 'the command'} exited with {status}"
         else:
             why = str(exc)
+        at = self.start + self.offset
         if self.failures > self.source.retries:
             raise UserError(
                 f"{self.what} {self.source.address}: reading failed {self.failures} times, the last at byte "
-                f"{self.offset} ({why}); check data.root and the network, or raise data.fetch_retries"
+                f"{at} ({why}); check data.root and the network, or raise data.fetch_retries"
             ) from None
         log.warning("%s %s: reading broke off at byte %d (%s); retry %d of %d", self.what, self.source.address,
-                    self.offset, why, self.failures, self.source.retries)
+                    at, why, self.failures, self.source.retries)
         time.sleep(min(BACKOFF_S * 2 ** (self.failures - 1), BACKOFF_MAX_S))
 
     def _drop(self) -> None:
@@ -238,7 +296,31 @@ class Fetch:
             except Exception:  # a failed command's status: already being handled
                 pass
 
+    def _end_range(self) -> None:
+        """The range is read: over http(s), a server that sends more than was asked for ignores range
+        requests (it sent the file from its start), a one-line `UserError`."""
+        stream = self._stream
+        if stream is not None and root_kind(self.source.root) == "http":
+            try:
+                extra = stream.read(1)
+            except (OSError, ValueError):
+                extra = b""
+            if extra:
+                self.close()
+                raise UserError(
+                    f"{self.what} {self.source.address}: the server sent more than the {self.length} bytes asked "
+                    f"for from byte {self.start}: it ignores HTTP range requests; set data.cache_dir to fetch "
+                    "whole shards instead"
+                )
+        self._drop()
+
     def read(self, size: int = -1) -> bytes:
+        if self.length is not None:
+            left = self.length - self.offset
+            if left <= 0 or self._past_end:
+                self._end_range()
+                return b""
+            size = left if size < 0 else min(size, left)
         while True:
             try:
                 if self._stream is None:
@@ -255,6 +337,9 @@ class Fetch:
                 raise
             except (OSError, ValueError) as exc:
                 self._failed(exc)
+                if self._past_end:
+                    data = b""
+                    break
         self.offset += len(data)
         self.digest.update(data)
         if self._keep is not None:
@@ -286,6 +371,21 @@ class Fetch:
         if self._keep is not None:
             self._keep.discard()
             self._keep = None
+
+
+def read_range(source: ShardSource, offset: int, size: int) -> bytes:
+    """`size` bytes of a remote file from byte `offset`, fewer when the file ends first: over http(s)
+    a range request (`curl -r`), through fsspec a seek; retried like a whole file (`Fetch`), resuming
+    where it broke off. A `pipe:` root cannot seek (`check_seekable`); a server that ignores range
+    requests is a `UserError` too. No sha256 is checked: it covers whole files only."""
+    check_seekable(source.root, None)
+    if size <= 0:
+        return b""
+    fetch = Fetch(source, start=offset, length=size)
+    try:
+        return fetch.read_all()
+    finally:
+        fetch.close()
 
 
 def read_file(root: str | os.PathLike, name: str, what: str, retries: int = 5, timeout: float = 60.0) -> bytes | None:

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segdist.data.location import ShardSource, address, check_sources, is_remote, local_root, read_file
+from segdist.data.location import (ShardSource, address, check_seekable, check_sources, is_remote, local_root,
+                                   read_file)
 from segdist.errors import UserError
 
 FORMAT = "segdist-shards/1"
@@ -21,6 +22,20 @@ class ShardInfo:
     sample_classes: list[list[list[int]]] | None = None
     """Per sample, in shard order: [class, pixels] of each class it holds (what rare-class sampling
     reads); None in manifests converted before segdist recorded it."""
+    members: list[list] | None = None
+    """Per sample, in shard order: `[key, [[kind, offset, size], ...]]`, each member's kind as
+    `read_shard` names it ("image.png", "mask.png", "meta.json", ...), the byte offset of its data in
+    the shard file and its length: what reading one sample without scanning its shard needs
+    (segdist.data.sample.read_sample). None in manifests converted before segdist recorded it
+    (`launch/shard.py index` adds it)."""
+
+    def to_json(self) -> dict:
+        """The shard's entry in the manifest JSON; `members` only where recorded (absent, not null, in
+        a manifest converted before it was)."""
+        out = vars(self).copy()
+        if out["members"] is None:
+            del out["members"]
+        return out
 
 
 @dataclass
@@ -57,6 +72,16 @@ class Manifest:
     def valid_pixels(self) -> int:
         return int(sum(self.class_pixels))
 
+    @property
+    def indexed(self) -> bool:
+        """Every shard records its members' offsets: samples can be read by position."""
+        return all(s.members is not None for s in self.shards)
+
+    @property
+    def address(self) -> str:
+        """Where the manifest itself is read from: a path or a URL."""
+        return address(self.root, manifest_name(self.split))
+
     def shard_paths(self) -> list[Path]:
         """The shard files of a local root (verify and conversion work on local folders only)."""
         if is_remote(self.root):
@@ -79,7 +104,7 @@ class Manifest:
             "palette": self.palette,
             "ignore_index": self.ignore_index,
             "num_samples": self.num_samples,
-            "shards": [vars(s) for s in self.shards],
+            "shards": [s.to_json() for s in self.shards],
             "class_pixels": self.class_pixels,
             "valid_pixels": self.valid_pixels,
             "source": self.source,
@@ -174,7 +199,7 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             palette=[[int(v) for v in c] for c in raw["palette"]],
             ignore_index=int(raw["ignore_index"]),
             num_samples=int(raw["num_samples"]),
-            shards=[ShardInfo(str(s["file"]), int(s["samples"]), str(s["sha256"]), _sample_classes(s))
+            shards=[ShardInfo(str(s["file"]), int(s["samples"]), str(s["sha256"]), _sample_classes(s), _members(s))
                     for s in raw["shards"]],
             class_pixels=[int(v) for v in raw["class_pixels"]],
             source=dict(raw.get("source", {})),
@@ -212,6 +237,46 @@ def _sample_classes(shard: dict) -> list[list[list[int]]] | None:
     if len(out) != int(shard["samples"]):
         raise ValueError(f"shard {shard['file']} lists the classes of {len(out)} samples, not {shard['samples']}")
     return out
+
+
+def _members(shard: dict) -> list[list] | None:
+    raw = shard.get("members")
+    if raw is None:
+        return None
+    out = []
+    for key, members in raw:
+        spans = [[str(kind), int(offset), int(size)] for kind, offset, size in members]
+        if not spans or any(offset < 0 or size < 0 for _, offset, size in spans):
+            raise ValueError(f"shard {shard['file']} records no members or a negative offset or size for sample {key}")
+        out.append([str(key), spans])
+    if len(out) != int(shard["samples"]):
+        raise ValueError(f"shard {shard['file']} records the members of {len(out)} samples, not {shard['samples']}")
+    return out
+
+
+def check_indexed(manifest: Manifest) -> None:
+    """The manifest records its members' offsets (what reading samples by position needs), or a
+    one-line `UserError` saying how to add them."""
+    if manifest.indexed:
+        return
+    if is_remote(manifest.root):
+        how = (f"run launch/shard.py index on the local folder it was copied from and copy its "
+               f"{manifest_name(manifest.split)} here again")
+    else:
+        how = f"run launch/shard.py index {manifest.root}"
+    raise UserError(
+        f"manifest {manifest.address} records no member offsets (converted before segdist recorded them), "
+        f"which reading samples by position needs: re-run launch/shard.py, or {how}, a cheap pass that "
+        "adds them without re-encoding"
+    )
+
+
+def check_random_access(manifest: Manifest) -> None:
+    """Before training starts: samples of this split can be read by position. The manifest records
+    the offsets (`check_indexed`), and a `pipe:` root, which cannot read part of a file, has a
+    data.cache_dir to read whole shards into."""
+    check_indexed(manifest)
+    check_seekable(str(manifest.root), manifest.cache_dir)
 
 
 def check_reachable(manifest: Manifest) -> None:

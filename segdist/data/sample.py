@@ -8,21 +8,28 @@ the mask 8-bit, or 16-bit beyond 255 classes, and optionally `<key>.meta.json`; 
 ends at the first dot of the file name (WebDataset's rule), and a sample's members are adjacent.
 The writer (segdist.data.shards), the training and eval streams (segdist.data.stream), `verify`,
 the benches, prediction and the TensorBoard strips all go through this module.
+
+A sample is read either by scanning its shard (`read_shard`) or by position (`read_sample`), from
+the member offsets the manifest records (`shard_members` finds them in a tar): one contiguous read
+per sample, `os.pread` on a kept-open local file, a range request on a remote one.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import tarfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from segdist.data.location import Fetch, ShardSource
+from segdist.data.location import Fetch, ShardSource, read_range
 from segdist.errors import UserError
 
 IMAGE_KINDS = {"image.png": "PNG", "image.jpg": "JPEG", "image.npy": "NPY"}
@@ -51,8 +58,9 @@ class ShardError(UserError):
             super().__init__(path)
             return
         self.path, self.samples, self.reason = str(path), samples, reason
+        after = "" if samples is None else f" after {samples} samples"  # None: read by position, not scanned
         super().__init__(
-            f"shard {path} is truncated or corrupt after {samples} samples ({reason}); "
+            f"shard {path} is truncated or corrupt{after} ({reason}); "
             "run launch/shard.py verify on its folder and re-convert, or set data.on_corrupt = \"skip\""
         )
 
@@ -108,7 +116,7 @@ def read_members(shard: str | Path | ShardSource) -> Iterator[tuple[str, bytes |
     try:
         f = open(shard, "rb")
     except OSError as exc:
-        raise UserError(f"shard {shard} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root") from None
+        raise _cannot_open(shard, exc) from None
     with f:
         tar = tarfile.open(fileobj=f, mode="r:")
         for member in tar:
@@ -118,6 +126,10 @@ def read_members(shard: str | Path | ShardSource) -> Iterator[tuple[str, bytes |
         if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
             # tarfile stops silently at a damaged header or at a cut between members.
             raise tarfile.ReadError("no end-of-archive marker where the members end")
+
+
+def _cannot_open(shard: str | Path, exc: OSError) -> UserError:
+    return UserError(f"shard {shard} cannot be opened ({exc.strerror or exc}): re-run the conversion or fix data.root")
 
 
 def _fetched_members(source: ShardSource) -> Iterator[tuple[str, bytes]]:
@@ -155,6 +167,118 @@ def read_shard(path: str | Path | ShardSource) -> Iterator[dict]:
         raise ShardError(path, done, str(exc) or type(exc).__name__) from None
     if current is not None:
         yield current
+
+
+# -- reading one sample by position -------------------------------------------------------------
+def shard_members(f: BinaryIO) -> list[list]:
+    """The member offsets of a shard's tar as the manifest records them (`ShardInfo.members`): per
+    sample in file order `[key, [[kind, offset, size], ...]]`, grouped and named as `read_shard`
+    groups and names them (non-file members and names without a kind passed over). Reads `f` front
+    to back once, never seeking, so the caller can hash what passes (`launch/shard.py index`); a
+    damaged tar raises `tarfile.TarError` (or EOFError/OSError)."""
+    samples: list[list] = []
+    with tarfile.open(fileobj=f, mode="r|", bufsize=1 << 20) as tar:
+        for member in tar:
+            parts = split_member(member.name) if member.isfile() else None
+            if parts is None:
+                continue
+            key, kind = parts
+            if not samples or samples[-1][0] != key:
+                samples.append([key, []])
+            samples[-1][1].append([kind, member.offset_data, member.size])
+    return samples
+
+
+class _OpenShards:
+    """Read-only descriptors of local shard files, the `size` most recently read kept open (an LRU
+    keyed by the path as given): a sample read by position costs one `os.pread`, not an open. A
+    forked child (a DataLoader worker) starts with none of its own (`forget`, run after every
+    fork), and a lock makes it safe for threads (it is held for the read too: a descriptor is never
+    closed under a reader)."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self.forget()
+
+    def forget(self) -> None:
+        """Close every kept descriptor (in a forked child: its copies; the parent's stay open)."""
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def pread(self, path: str | Path, offset: int, size: int) -> bytes:
+        """`size` bytes of the file from `offset`, fewer where it ends first; OSError when it cannot be opened."""
+        key = str(path)
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                fd = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[key] = fd
+                while len(self._fds) > self.size:
+                    os.close(self._fds.popitem(last=False)[1])
+            else:
+                self._fds.move_to_end(key)
+            chunks, done = [], 0
+            while done < size:  # pread may return less than asked (the end of the file, or >2 GB)
+                chunk = os.pread(fd, size - done, offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_OPEN_SHARDS = _OpenShards()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_OPEN_SHARDS.forget)
+
+
+def read_sample(source: str | Path | ShardSource, key: str, members: list) -> dict:
+    """The raw sample `key` of a shard, exactly as `read_shard` yields it (`__key__`, `__url__` =
+    `str(source)`, the bytes of each member under its kind), from its `members` as the manifest
+    records them (`[[kind, offset, size], ...]`), without scanning the shard: ONE contiguous read,
+    from the first member's offset to the last one's end, sliced into the members.
+
+    - a local shard (a path, a local source, or a remote one whose verified copy is in the cache):
+      `os.pread` on a descriptor kept open (`_OpenShards`); a missing file is a `UserError`;
+    - a remote shard with a `cache_dir`: fetched whole once (sha256 checked, then kept there,
+      `ShardSource.ensure_cached`) and read locally; a shard that is not the manifest's is a `ShardError`;
+    - a remote shard without one: a range read (`location.read_range`; a `pipe:` root cannot).
+
+    A read that comes back short (a truncated shard) is a `CorruptSample`; bytes that do not decode
+    are `decode_sample`'s to find, as for a scanned sample.
+    """
+    url = str(source)
+    sample = {"__key__": key, "__url__": url}
+    if not members:
+        return sample  # decode_sample names what it lacks
+    start = min(offset for _, offset, _ in members)
+    size = max(offset + length for _, offset, length in members) - start
+    path: str | Path | None = source
+    if isinstance(source, ShardSource):
+        path = source.address if not source.remote else None
+        if source.remote and source.cache_dir is not None and source.sha256 is not None:
+            try:
+                path = source.ensure_cached()
+            except ValueError as exc:  # fetched whole, and not the manifest's shard
+                raise ShardError(url, None, str(exc)) from None
+    if path is None:
+        span = read_range(source, start, size)
+    else:
+        try:
+            span = _OPEN_SHARDS.pread(path, start, size)
+        except OSError as exc:
+            raise _cannot_open(path, exc) from None
+    if len(span) < size:
+        raise CorruptSample(key, url, f"is cut short: the shard holds {len(span)} of its {size} bytes from byte {start}")
+    view = memoryview(span)
+    for kind, offset, length in members:
+        sample[kind] = bytes(view[offset - start: offset - start + length])
+    return sample
 
 
 def make_sample(key: str, url: str, image: bytes, image_kind: str, mask: bytes) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from segdist.data.manifest import Manifest, ShardInfo, manifest_path, sha256_file
-from segdist.data.sample import MASK_KIND, META_KIND, label_counts, member_name
+from segdist.data.sample import MASK_KIND, META_KIND, label_counts, member_name, split_member
 from segdist.errors import UserError
 from segdist.fileio import atomic_write_json
 
@@ -111,6 +111,7 @@ class ShardWriter:
         self._done: list[Path] = []  # finished shards of this run, still under temporary names
         self._count = 0
         self._sample_classes: list[list[list[int]]] = []  # of the shard in progress
+        self._members: list[list] = []  # of the shard in progress: [key, [[kind, offset, size], ...]] per sample
         self._sizes: dict[str, list[list[int]]] = {}  # "stored"/"source" -> [[min h, min w], [max h, max w]]
         self._own = re.compile(re.escape(split) + r"-\d{6}\.tar")  # train-000000.tar, not train-aug-000000.tar
         self._own_tmp = re.compile(r"\." + re.escape(split) + r"-\d{6}\.tar\.tmp")
@@ -137,13 +138,22 @@ class ShardWriter:
             files[member_name(key, META_KIND)] = json.dumps(meta, sort_keys=True).encode()
         if self._tar is None:
             self._open()
+        spans = []
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
             info.uname = info.gname = ""
+            header = self._tar.offset
             self._tar.addfile(info, io.BytesIO(data))
+            # The data follows the header (one 512-byte block in USTAR, which has no long-name
+            # extension headers) and is padded to whole blocks: the tar's offset says where it went.
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            offset = self._tar.offset - padded
+            assert offset == header + tarfile.BLOCKSIZE, f"{name}: a header of {offset - header} bytes"
+            spans.append([split_member(name)[1], offset, len(data)])
+        self._members.append([key, spans])
         self._count += 1
         full = self._count >= self.samples_per_shard
         if self.shard_bytes is not None:
@@ -170,8 +180,9 @@ class ShardWriter:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         # The hash of the temporary file is the hash of the final one: a rename keeps the bytes.
-        self.shards.append(ShardInfo(self._tmp.name[1:-4], self._count, sha256_file(self._tmp), self._sample_classes))
-        self._sample_classes = []
+        self.shards.append(ShardInfo(self._tmp.name[1:-4], self._count, sha256_file(self._tmp), self._sample_classes,
+                                     self._members))
+        self._sample_classes, self._members = [], []
         self._done.append(self._tmp)
         self._tar, self._tmp = None, None
 

@@ -8,8 +8,9 @@ import importlib
 from multiprocessing import get_context
 from typing import Callable, Iterable, Iterator
 
-# Subcommand name → module under segdist.data.convert (each has add_parser and run). `verify` and
-# `show` are not converters but check and draw their output, subcommands of the same tool.
+# Subcommand name → module under segdist.data.convert (each has add_parser and run). `verify`,
+# `index` and `show` are not converters but check, index and draw their output, subcommands of the
+# same tool.
 CONVERTERS = {
     "shapes": "segdist.data.convert.shapes",
     "cityscapes": "segdist.data.convert.cityscapes",
@@ -17,6 +18,7 @@ CONVERTERS = {
     "ade20k": "segdist.data.convert.ade20k",
     "folder": "segdist.data.convert.folder",
     "verify": "segdist.data.convert.verify",
+    "index": "segdist.data.convert.index",
     "show": "segdist.data.convert.show",
 }
 

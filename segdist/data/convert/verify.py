@@ -2,7 +2,9 @@
 
 Always: every listed shard exists, its sha256 matches the manifest (a flipped byte or a truncated
 copy shows up here), and no unlisted shard of the split lies beside them (a reader globbing
-`<split>-*.tar` would pick it up). With `--deep`: every shard is read with `tarfile` and every
+`<split>-*.tar` would pick it up). Where the manifest records member offsets (what reading samples
+by position uses), the tar headers read in the same pass must give exactly those: each member's
+kind, offset and size. With `--deep`: every shard is read with `tarfile` and every
 sample decoded — each has an RGB image (`image.png`/`image.jpg`/`image.npy`) and a mask (`mask.png`/`mask.npy`) of the same
 size, mask values are classes or the ignore index, sample counts per shard and keys are as the
 manifest says, and the per-class pixel totals add up to the manifest's (eval relies on them).
@@ -12,12 +14,13 @@ The first problem is a `UserError` naming the shard and, where there is one, the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 from segdist.data.manifest import FORMAT, Manifest, load_manifest, manifest_path, sha256_file
 from segdist.data.sample import (IMAGE_KINDS, MASK_KIND, MASK_KINDS, META_KIND, decode_raw, label_counts, read_members,
-                                 split_member)
+                                 shard_members, split_member)
 from segdist.errors import UserError
 
 
@@ -56,14 +59,69 @@ def find_splits(root: Path) -> list[str]:
     return splits
 
 
+class _Hashing:
+    """A file read front to back whose bytes are hashed as they pass."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read (and hash) what the tar reader left, then the whole file's sha256."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def scan_shard(path: Path) -> tuple[str, list[list] | str]:
+    """(sha256 of the whole file, its members as the manifest records them or why its tar does not
+    read), in one sequential read (`verify`, and `index`, which adds them)."""
+    with open(path, "rb") as f:
+        hashing = _Hashing(f)
+        try:
+            members: list[list] | str = shard_members(hashing)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            members = str(exc) or type(exc).__name__
+        return hashing.drain(), members
+
+
+def _spans(sample: list) -> str:
+    return f"{sample[0]}: " + ", ".join(f"{kind} at {offset} ({size} bytes)" for kind, offset, size in sample[1])
+
+
+def members_differ(recorded: list[list], found: list[list]) -> str | None:
+    """Where the members a manifest records first differ from those found in the tar, or None."""
+    for a, b in zip(recorded, found):
+        if a != b:
+            return f"it records {_spans(a)}; the tar holds {_spans(b)}"
+    if len(recorded) != len(found):
+        return f"it records the members of {len(recorded)} samples, the tar holds {len(found)}"
+    return None
+
+
 def check_files(manifest: Manifest) -> None:
-    """sha256 of every listed shard, and no unlisted shard of this split in the folder."""
+    """sha256 of every listed shard (and its member offsets, where recorded), and no unlisted shard
+    of this split in the folder."""
     where = manifest_path(manifest.root, manifest.split)
     if not (len(manifest.palette) == len(manifest.class_pixels) == manifest.num_classes):
         raise UserError(f"manifest {where}: classes, palette and class_pixels differ in length; re-run the conversion")
     for info, path in zip(manifest.shards, manifest.shard_paths()):
-        if sha256_file(path) != info.sha256:
+        if info.members is None:
+            sha256, members = sha256_file(path), None
+        else:
+            sha256, members = scan_shard(path)
+        if sha256 != info.sha256:
             raise UserError(f"shard {path}: sha256 differs from {where} (changed, truncated or corrupt): re-run the conversion")
+        if isinstance(members, str):
+            raise UserError(f"shard {path} is not a readable tar ({members}): re-run the conversion")
+        problem = None if members is None else members_differ(info.members, members)
+        if problem is not None:
+            raise UserError(f"shard {path}: member offsets in {where} differ from the tar ({problem}): "
+                            "re-run the conversion")
     listed = {s.file for s in manifest.shards}
     own = re.compile(re.escape(manifest.split) + r"-\d{6}\.tar")
     for path in sorted(manifest.root.iterdir()):

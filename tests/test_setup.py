@@ -35,7 +35,7 @@ def test_a_global_batch_that_the_layout_cannot_give_is_one_line():
     assert resolve_accumulation(plain, 5) is plain  # no global batch: nothing to resolve
     with pytest.raises(UserError, match="train.grad_accum = \"auto\" derives the accumulation from train.global_batch"):
         recipe(4, "auto")
-    with pytest.raises(UserError, match="train.grad_accum must be an integer > 0 or \"auto\""):
+    with pytest.raises(UserError, match="train.grad_accum must be an integer or \"auto\", got str"):
         recipe(4, "three")
 
 

@@ -1,7 +1,7 @@
 """`launch/bench.py feed [RECIPE ...]`: can the CPUs feed a GPU on each shipped recipe?
 
 Per recipe it measures, in one process on one thread, the CPU time per sample of the real training
-input path — read the shard (tar), decode the image, decode the mask and check its labels
+input path — read each sample by its offsets in a pass's order, decode the image, decode the mask and check its labels
 (`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
 it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
 recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
@@ -21,7 +21,7 @@ sample is the number of cores per GPU it takes to keep up.
 Frames are synthetic (`segdist.bench.data.make_frame`: shapes scenes drawn at a quarter size and
 upscaled, which compress roughly like photos), at each dataset's size: Cityscapes 1024x2048 PNG,
 VOC 375x500 JPEG (quality 90), PH2 560x768 BMP, birds 375x500 JPEG, shapes 64x64 PNG. All files sit
-in the page cache: reading costs syscalls and tar parsing, not disk.
+in the page cache: reading costs a syscall per sample, not disk.
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
     from segdist.data.augment import decode_reduction
     from segdist.data.manifest import load_manifest
-    from segdist.data.sample import read_shard, sample_image, sample_mask
-    from segdist.data.stream import SampleAugment
+    from segdist.data.sample import read_sample, sample_image, sample_mask
+    from segdist.data.stream import PassOrder, SampleAugment
 
     manifest = load_manifest(split, "train")
     transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
@@ -189,7 +189,11 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
     for _ in range(passes):
         spent = dict.fromkeys(STAGES, 0.0)
         t = time.perf_counter()
-        raws = [raw for path in manifest.shard_paths() for raw in read_shard(path)]
+        # As the training stream reads them: by offset, in a pass's order (blocks of the recipe's size).
+        order = PassOrder([sh.samples for sh in manifest.shards], 0, recipe.data.shuffle_buffer)(0)
+        where = [(path, key, members) for path, sh in zip(manifest.shard_paths(), manifest.shards)
+                 for key, members in sh.members]
+        raws = [read_sample(*where[i]) for i in order]
         spent["read"] = time.perf_counter() - t
         items = []
         for n, raw in enumerate(raws):

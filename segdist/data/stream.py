@@ -28,7 +28,7 @@ A sample's format (member names, the reader, decoding, the label check) is segdi
 
 Corrupt data (`data.on_corrupt`): a sample whose bytes are cut short or do not decode raises
 `CorruptSample`, naming the shard and the key. With "fail" (the default) training stops there. With
-"skip" a warning is logged per occurrence (with the process's running count) and position t takes
+"skip" a warning is logged for each broken sample (once per process, with the running counts) and position t takes
 the next sample of its pass (t+1, t+2, ..., wrapping) that decodes, augmented with t's seed: still a
 pure function of the seed and the data, whatever the layout. Masks that decode but hold a label that
 is neither a class nor the ignore index, or that differ from the image in size, are not corruption
@@ -206,15 +206,20 @@ class SampleAugment:
 
 
 class _Skips:
-    """What one process skipped under on_corrupt = "skip": counted, and a warning per occurrence."""
+    """What one process skipped under on_corrupt = "skip": every skip counted, a warning for each
+    sample the first time (a broken sample is met again every pass, and by the positions after it)."""
 
     def __init__(self) -> None:
         self.samples = 0
+        self.warned: set[tuple[str, str]] = set()
 
     def sample(self, exc: CorruptSample) -> None:
         self.samples += 1
-        log.warning("data.on_corrupt=skip: skipping sample %s of shard %s (it %s); this process skipped %d so far",
-                    exc.key, exc.url, exc.reason, self.samples)
+        if (exc.url, exc.key) in self.warned:
+            return
+        self.warned.add((exc.url, exc.key))
+        log.warning("data.on_corrupt=skip: skipping sample %s of shard %s (it %s); %d broken samples met by this "
+                    "process so far, %d skips", exc.key, exc.url, exc.reason, len(self.warned), self.samples)
 
 
 class TrainStream(Dataset):

@@ -15,15 +15,20 @@ def test_data_bench_prints_every_row_with_positive_figures(capsys, tmp_path):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("data throughput: 6 frames of 128x64 (W x H), preset 'cityscapes'")
     rows = {}
-    for line in out[2:5]:
-        match = re.fullmatch(r"(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", line)
+    for line in out[2:6]:
+        match = re.fullmatch(r"(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", line)
         assert match, line
         rows[match.group(1)] = [float(v) for v in match.groups()[1:]]
-    assert sorted(rows) == ["folder of PNG files", "shards, JPEG q90 images", "shards, PNG images"]
+    assert sorted(rows) == ["folder of PNG files", "shards, JPEG q90 images", "shards, PNG images",
+                            "shards, PNG, scanned"]
     assert all(v > 0 for figures in rows.values() for v in figures)
-    assert rows["folder of PNG files"][4] == 1.0
+    assert rows["folder of PNG files"][5] == 1.0
+    # by offset a sample reads its members only; scanned, the tar headers and end too
+    assert rows["shards, PNG images"][1] < rows["shards, PNG, scanned"][1]
     assert re.fullmatch(r"JPEG over PNG shards: [\d.]+x less CPU per sample in one process, [\d.]+x in the "
-                        r"loader, [\d.]+x the samples/s", out[5])
+                        r"loader, [\d.]+x the samples/s", out[6])
+    assert re.fullmatch(r"PNG shards by offset over scanned: [\d.]+x the samples/s, [\d.]+x the bytes read per sample",
+                        out[7])
     # the data it measured: 6 frames per source, shards with a manifest
     assert len(list((tmp_path / "folder").glob("*_mask.png"))) == 6
     assert (tmp_path / "jpg" / "train.json").is_file() and len(list((tmp_path / "png").glob("train-*.tar"))) == 3

@@ -141,10 +141,15 @@ def group_norm_run(recipe, run: Path, nproc: int, batch: int, accum: int, steps:
     return result
 
 
-def assert_close_weights(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+def assert_close_weights(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    """Every tensor agrees to `rtol` relative, as ||a - b|| / ||b|| (a weight near 0 may differ by more than
+    1e-5 of itself: float summation order moves every weight by about 1e-7 absolute). Another data order
+    moves them by about 1e-2."""
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    worst = max((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12) for k in a
+                if a[k].is_floating_point())
+    print(f"largest relative difference of a tensor: {float(worst):.2e}")
+    assert worst < rtol
 
 
 @pytest.mark.slow

@@ -29,16 +29,16 @@ import cv2
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, get_worker_info
 
 from segdist.bench.options import require_positive
 from segdist.data.augment import PRESETS, build_augment, seed_pipeline
 from segdist.data.convert import parallel_map
 from segdist.data.shapes import PALETTE, class_names, make_scene
 from segdist.data.shards import ShardWriter, encode_jpeg, encode_mask, encode_png
-from segdist.data.sample import decode_sample, make_sample, read_shard
+from segdist.data.sample import decode_sample, make_sample, read_sample, read_shard
 from segdist.data.manifest import load_manifest
-from segdist.data.stream import GlobalBatches, TrainStream, train_loader
+from segdist.data.stream import GlobalBatches, PassOrder, TrainStream, train_loader
 from segdist.errors import UserError
 
 CLASSES = 8  # the most segdist.data.shapes draws
@@ -135,6 +135,30 @@ class FolderDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(np.ascontiguousarray(out["mask"]))
 
 
+class ShardScan(IterableDataset):
+    """The baseline of reading by offset: how the training stream read before it, each loader worker
+    scanning its share of the shards front to back (`read_shard`), endless; the same decode and
+    augmentation. Fast and sequential, but what a batch holds depends on the worker count."""
+
+    def __init__(self, shards: list[Path], transform) -> None:
+        self.shards, self.transform = shards, transform
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if len(self.shards) < workers:
+            raise UserError(f"{len(self.shards)} shards for {workers} workers: lower --samples-per-shard")
+        n = 0
+        while True:
+            for path in self.shards[worker::workers]:
+                for raw in read_shard(path):
+                    _, image, mask = decode_sample(raw, CLASSES, 255)
+                    seed_pipeline(self.transform, n)
+                    out = self.transform(image=image, mask=mask)
+                    n += 1
+                    yield torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(np.ascontiguousarray(out["mask"]))
+
+
 def _loader(source: str, root: Path, args, transform) -> DataLoader:
     if source == "folder":
         total = (args.warmup + args.batches) * args.batch_size
@@ -142,6 +166,9 @@ def _loader(source: str, root: Path, args, transform) -> DataLoader:
         sampler = RandomSampler(ds, num_samples=total, generator=torch.Generator().manual_seed(0))
         return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                           prefetch_factor=4 if args.workers else None)  # as train_loader
+    if source == "png-scan":
+        return DataLoader(ShardScan(sorted((root / "png").glob("train-*.tar")), transform), batch_size=args.batch_size,
+                          num_workers=args.workers, prefetch_factor=4 if args.workers else None)
     stream = TrainStream(load_manifest(root / source, "train"), seed=0, transform=transform,
                          shuffle_buffer=args.batch_size * 2)
     return train_loader(stream, GlobalBatches(0, 1, args.batch_size), args.workers, pin_memory=False)
@@ -181,8 +208,13 @@ def one_process_ms(source: str, root: Path, count: int, transform) -> float:
     if source == "folder":
         ds = FolderDataset(root / "folder", frame_keys(count), transform)
         raws = (ds.raw(i) for i in range(len(ds)))
-    else:
-        raws = (s for p in sorted((root / source).glob("train-*.tar")) for s in read_shard(p))
+    elif source == "png-scan":
+        raws = (s for p in sorted((root / "png").glob("train-*.tar")) for s in read_shard(p))
+    else:  # by offset, in a pass's order, as the training stream reads
+        manifest = load_manifest(root / source, "train")
+        where = [(path, key, members) for path, shard in zip(manifest.shard_paths(), manifest.shards)
+                 for key, members in shard.members]
+        raws = (read_sample(*where[i]) for i in PassOrder([sh.samples for sh in manifest.shards], 0, 16)(0))
     start, n = time.process_time(), 0
     for raw in raws:
         _, image, mask = decode_sample(raw, CLASSES, 255)
@@ -192,7 +224,24 @@ def one_process_ms(source: str, root: Path, count: int, transform) -> float:
     return (time.process_time() - start) / n * 1000
 
 
-ROWS = {"folder": "folder of PNG files", "png": "shards, PNG images", "jpg": "shards, JPEG q90 images"}
+ROWS = {"folder": "folder of PNG files", "png-scan": "shards, PNG, scanned", "png": "shards, PNG images",
+        "jpg": "shards, JPEG q90 images"}
+"""The loaders compared: `png-scan` reads the `png` shards front to back per worker (`ShardScan`, the
+training stream before it read by offset); `png` and `jpg` go through the training stream."""
+
+
+def read_kb(root: Path, count: int) -> dict[str, float]:
+    """KB read per sample: the two files of the folder, a whole shard per its samples when scanned,
+    a sample's members (one span) when read by offset."""
+    folder = sum((root / "folder" / f"{key}{end}").stat().st_size for key in frame_keys(count)
+                 for end in (".png", "_mask.png"))
+    out = {"folder": folder / count / 1e3,
+           "png-scan": sum(p.stat().st_size for p in (root / "png").glob("train-*.tar")) / count / 1e3}
+    for fmt in ("png", "jpg"):
+        manifest = load_manifest(root / fmt, "train")
+        spans = [max(o + n for _, o, n in m) - min(o for _, o, _ in m) for sh in manifest.shards for _, m in sh.members]
+        out[fmt] = sum(spans) / count / 1e3
+    return out
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -217,27 +266,31 @@ def run_data(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):  # interleaved, so a busy moment hits every row alike
             for source in ROWS:
                 runs[source].append(loader_rate(source, root, args, transform))
+        kb = read_kb(root, args.count)
+    mb["png-scan"] = mb["png"]
     rate = {s: max(r for r, _ in v) for s, v in runs.items()}
     cpu = {s: min(c for _, c in v) for s, v in runs.items()}
-    print(table(args, mb, ms, rate, cpu, written))
+    print(table(args, mb, ms, rate, cpu, written, kb))
     return 0
 
 
-def table(args, mb: dict, ms: dict, rate: dict, cpu: dict, written: float) -> str:
+def table(args, mb: dict, ms: dict, rate: dict, cpu: dict, written: float, kb: dict) -> str:
     h, w = args.size
     lines = [
         f"data throughput: {args.count} frames of {w}x{h} (W x H), preset {args.augment!r}, crop "
         f"{args.crop[1]}x{args.crop[0]}, batch {args.batch_size}, {args.workers} workers, best of {args.rounds} "
         f"rounds of {args.batches} batches; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
         f"data written in {written:.0f} s",
-        f"{'source':<25}{'MB/sample':>10}{'1-process CPU ms':>18}{'loader CPU ms':>15}{'loader samples/s':>18}"
-        f"{'vs folder':>11}",
+        f"{'source':<25}{'MB/sample':>10}{'read KB/sample':>15}{'1-process CPU ms':>18}{'loader CPU ms':>15}"
+        f"{'loader samples/s':>18}{'vs folder':>11}",
     ]
     for source, label in ROWS.items():
-        lines.append(f"{label:<25}{mb[source]:>10.2f}{ms[source]:>18.1f}{cpu[source]:>15.1f}{rate[source]:>18.1f}"
-                     f"{_ratio(rate[source], rate['folder']):>11}")
+        lines.append(f"{label:<25}{mb[source]:>10.2f}{kb[source]:>15.1f}{ms[source]:>18.1f}{cpu[source]:>15.1f}"
+                     f"{rate[source]:>18.1f}{_ratio(rate[source], rate['folder']):>11}")
     lines.append(f"JPEG over PNG shards: {_ratio(ms['png'], ms['jpg'])} less CPU per sample in one process, "
                  f"{_ratio(cpu['png'], cpu['jpg'])} in the loader, {_ratio(rate['jpg'], rate['png'])} the samples/s")
+    lines.append(f"PNG shards by offset over scanned: {_ratio(rate['png'], rate['png-scan'])} the samples/s, "
+                 f"{_ratio(kb['png'], kb['png-scan'])} the bytes read per sample")
     return "\n".join(lines)
 
 

@@ -223,9 +223,11 @@ def test_read_sample_keeps_a_few_files_open_and_a_forked_worker_its_own(shapes_r
 
     paths = manifest.shard_paths()[:3]
     lru = _OpenShards(size=2)
-    assert [lru.pread(p, 0, 5) for p in paths] == [p.read_bytes()[:5] for p in paths]
+    assert [lru.read(p, 0, 5, [["a", 1, 3]]) for p in paths] == [(5, {"a": p.read_bytes()[1:4]}) for p in paths]
     assert list(lru._fds) == [str(p) for p in paths[1:]]
-    assert lru.pread(paths[1], 512, 3) == paths[1].read_bytes()[512:515] and list(lru._fds)[-1] == str(paths[1])
+    assert lru.read(paths[1], 512, 3, []) == (3, {}) and list(lru._fds)[-1] == str(paths[1])
+    size = paths[1].stat().st_size
+    assert lru.read(paths[1], size - 2, 5, [])[0] == 2  # where the file ends first: short
     fds = list(lru._fds.values())
     lru.forget()
     for fd in fds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,7 +246,8 @@ def _members(shard: dict) -> list[list] | None:
         return None
     out = []
     for key, members in raw:
-        spans = [[str(kind), int(offset), int(size)] for kind, offset, size in members]
+        # a handful of kinds over the whole split: one string each, not one per member (~100 bytes a sample)
+        spans = [[sys.intern(str(kind)), int(offset), int(size)] for kind, offset, size in members]
         if not spans or any(offset < 0 or size < 0 for _, offset, size in spans):
             raise ValueError(f"shard {shard['file']} records no members or a negative offset or size for sample {key}")
         out.append([str(key), spans])

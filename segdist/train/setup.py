@@ -17,7 +17,7 @@ import torch
 from segdist.checkpoint import Pieces, latest_checkpoint
 from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
-from segdist.data.manifest import Manifest, check_crop_fits, check_indexed, check_reachable, check_same_labels, load_split
+from segdist.data.manifest import Manifest, check_crop_fits, check_random_access, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import DistContext, launch_context
 from segdist.errors import UserError
@@ -76,7 +76,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     classes = resolve_classes(recipe.model, train_m)
     check_same_labels(train_m, val_m)
     check_crop_fits(train_m, recipe.data.crop)
-    check_indexed(train_m)  # the training stream reads samples by their offsets
+    check_random_access(train_m)  # the training stream reads samples by their offsets
     precision = resolve_precision(recipe.train.precision)
     InferenceMode.from_recipe(recipe)  # eval.stride against the window, before any process group
     dist = launch_context()

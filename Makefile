@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-# The built-in synthetic dataset: 2000 training and 256 held-out validation scenes.
+# The built-in synthetic dataset: 2000 training and 256 held-out validation scenes. `index` adds the
+# member offsets the training stream reads by to splits converted before they were recorded (a no-op after).
 data: venv $(DATA)/train.json $(DATA)/val.json
+	$(PY) launch/shard.py index $(DATA)
 
 $(DATA)/train.json: | $(VENV)/.installed
 	$(PY) launch/shard.py shapes --out $(DATA) --split train --count 2000 --seed 1 --samples-per-shard 250 --workers 2

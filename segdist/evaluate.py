@@ -13,9 +13,10 @@ workers (the ranks and workers take whole groups), and frames of different sizes
 one by one. So every prediction, and hence the metrics, are the same bit for bit on 1 or 8 GPUs,
 even where a kernel chosen by the batch's shape (cuDNN) would move a near-tie. A frame's prediction
 may still differ from its prediction in a batch of another size (`batch_size = 1`: frames alone, as
-`predict_sample` runs them). The cost: none over the former slot split in forward passes; a rank
-reads only the shards that hold its groups, and a shard that two ranks share is read by both up to
-the second one's first sample (read past, not decoded).
+`predict_sample` runs them). The cost: ceil(N / batch_size) batches, the fewest there can be; a
+rank's loader worker reads only the shards that hold its groups, and a shard that two of them share
+is read by both up to the second one's first sample (read past, not decoded). Groups against frames
+alone: docs/evaluation.md and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def share_buffers(model: torch.nn.Module, accelerator) -> None:
 @torch.no_grad()
 def predict_sample(model: torch.nn.Module, image: np.ndarray, accelerator, mode: InferenceMode) -> np.ndarray:
     """HxW label map of one HxWx3 uint8 image, predicted exactly as `evaluate` predicts a frame
-    (zero-padded to a multiple of 32, under the run's autocast, in `mode`); the model is in eval mode."""
+    (zero-padded to a multiple of 32, under the run's autocast, in `mode`), alone: as `evaluate` with
+    batch_size 1 (in a group, a GPU's kernels may round a near-tie otherwise); the model is in eval mode."""
     h, w = image.shape[:2]
     ph, pw = padded_size(h, w)
     x = to_input(torch.from_numpy(pad_image(image))[None], accelerator.device)

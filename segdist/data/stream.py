@@ -3,8 +3,9 @@
 Both split the split over "slots" = (rank, DataLoader worker), S = world x workers of them. The
 training stream's slot s reads shards[s::S] when there are at least S shards, else it reads every
 shard and keeps every S-th sample; the evaluation stream's slots take contiguous ranges of
-fixed-size groups of samples, so its batches do not depend on S (EvalStream). The loaders are NOT passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch
-or re-split the stream); batches are moved to the device by the train step.
+fixed-size groups of samples, so its batches do not depend on S (EvalStream). The loaders are NOT
+passed to `accelerator.prepare` (docs/design-notes.md: it would dispatch or re-split the stream);
+batches are moved to the device by the train step.
 
 Training: each slot loops over passes forever (lockstep comes from the trainer taking exactly
 `steps x grad_accum` batches on every rank, never from the data running out). Pass p shuffles the
@@ -264,7 +265,7 @@ class TrainStream(IterableDataset):
 
 def _group_range(groups: int, slot: int, slots: int) -> tuple[int, int]:
     """The groups [first, end) of evaluation slot `slot` of `slots`: contiguous, balanced (their
-    numbers differ by at most one), the last slots empty when there are fewer groups than slots."""
+    numbers differ by at most one); with fewer groups than slots, some slots get none."""
     return slot * groups // slots, (slot + 1) * groups // slots
 
 

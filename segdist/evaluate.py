@@ -6,6 +6,17 @@ model (no DDP collectives in the loop), and counts an int64 confusion matrix at 
 resolution. Before the loop the ranks take rank 0's BatchNorm statistics (share_buffers); after it
 ONE all-reduce sums the matrix together with the sample count; the summed pixel count must equal
 the manifest's valid-pixel total.
+
+What is invariant: the batches. The frames that go through the model together are a canonical
+group of `batch_size` consecutive samples in manifest order, whatever the world size and the loader
+workers (the ranks and workers take whole groups), and frames of different sizes within a group run
+one by one. So every prediction, and hence the metrics, are the same bit for bit on 1 or 8 GPUs,
+even where a kernel chosen by the batch's shape (cuDNN) would move a near-tie. A frame's prediction
+may still differ from its prediction in a batch of another size (`batch_size = 1`: frames alone, as
+`predict_sample` runs them). The cost: ceil(N / batch_size) batches, the fewest there can be; a
+rank's loader worker reads only the shards that hold its groups, and a shard that two of them share
+is read by both up to the second one's first sample (read past, not decoded). Groups against frames
+alone: docs/evaluation.md and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ def share_buffers(model: torch.nn.Module, accelerator) -> None:
 @torch.no_grad()
 def predict_sample(model: torch.nn.Module, image: np.ndarray, accelerator, mode: InferenceMode) -> np.ndarray:
     """HxW label map of one HxWx3 uint8 image, predicted exactly as `evaluate` predicts a frame
-    (zero-padded to a multiple of 32, under the run's autocast, in `mode`); the model is in eval mode."""
+    (zero-padded to a multiple of 32, under the run's autocast, in `mode`), alone: as `evaluate` with
+    batch_size 1 (in a group, a GPU's kernels may round a near-tie otherwise); the model is in eval mode."""
     h, w = image.shape[:2]
     ph, pw = padded_size(h, w)
     x = to_input(torch.from_numpy(pad_image(image))[None], accelerator.device)
@@ -53,7 +65,8 @@ def predict_sample(model: torch.nn.Module, image: np.ndarray, accelerator, mode:
 def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size: int, num_workers: int,
              mode: InferenceMode | None = None, per_image: bool = False) -> dict:
     """Metrics of `model` on the whole split, identical for any world size; frames go through the
-    model as `mode` says (segdist.inference; default: whole frames, one pass). With `per_image`
+    model in the canonical groups of `batch_size` (see the module docstring) as `mode` says
+    (segdist.inference; default: whole frames, one pass). With `per_image`
     the metrics also hold `per_image_iou`: each sample's key → its own mean IoU
     (segdist.report.image_iou), gathered from every rank."""
     mode = mode or InferenceMode()
@@ -61,16 +74,16 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, accelerator, batch_size
     was_training = model.training
     model.eval()
     share_buffers(model, accelerator)
-    stream = EvalStream(manifest.sources(), rank=accelerator.process_index, world=accelerator.num_processes,
-                        num_classes=manifest.num_classes, ignore_index=manifest.ignore_index)
-    loader = eval_loader(stream, batch_size, num_workers, manifest.ignore_index,
-                         pin_memory=accelerator.device.type == "cuda")
+    stream = EvalStream.of(manifest, rank=accelerator.process_index, world=accelerator.num_processes,
+                           group=batch_size)
+    loader = eval_loader(stream, num_workers, pin_memory=accelerator.device.type == "cuda")
     cm = ConfusionMatrix(manifest.num_classes, manifest.ignore_index, accelerator.device)
     samples = 0
     for keys, images, masks, sizes in loader:
         x, masks = to_input(images, accelerator.device), masks.to(accelerator.device, non_blocking=True)
-        # Each frame at its own padded size: what a frame is batched with (which differs with the
-        # world size) must not change its prediction (the padding is in the model's receptive field).
+        # A batch is one canonical group (the same frames whatever the world size). Frames of
+        # different sizes still run one by one, each at its own padded size: the padding a larger
+        # neighbour would add is in the model's receptive field.
         parts = [slice(None)] if len(set(sizes)) == 1 else [slice(i, i + 1) for i in range(len(sizes))]
         for part, size in zip(parts, sizes):
             h, w = padded_size(*size)

@@ -280,7 +280,8 @@ EVAL_MODES = ("whole", "slide", "resize")
 @dataclass
 class EvalConfig:
     batch_size: int = 8
-    """Samples per process per evaluation batch; in slide mode also the windows per forward pass."""
+    """Frames per evaluation batch: a canonical group of consecutive samples in manifest order, the
+    same whatever the world size (1 = every frame alone); in slide mode also the windows per forward pass."""
     num_workers: int = 1
     """DataLoader workers per process for evaluation."""
     mode: str = "whole"

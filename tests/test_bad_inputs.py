@@ -545,6 +545,21 @@ def eval_split_missing(c: Ctx) -> Case:
 
 
 @case
+def eval_shard_holds_another_count(c: Ctx) -> Case:
+    # A shard rewritten since conversion with a sample more: evaluation reads by the manifest's counts.
+    recipe, run = c.trained_copy()
+    root = c.data()
+    recipe.write_text(recipe.read_text().replace(str(c.shapes), str(root)))
+    with tarfile.open(root / "val7-000002.tar") as src, tarfile.open(root / "val7-000000.tar", "a") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+    out = c.tmp / "m.json"
+    return Case(evaluate(recipe, "--checkpoint", run, "--out", out),
+                ("val7-000000.tar", "holds more samples than the 3", "launch/shard.py verify"), absent=(out,),
+                mid_run=True)
+
+
+@case
 def verify_folder_without_manifests(c: Ctx) -> Case:
     (c.tmp / "empty").mkdir()
     return Case(shard("verify", c.tmp / "empty"), ("no manifest",))

@@ -84,6 +84,28 @@ def test_eval_is_exact_for_any_world_size(trained_run, tmp_path, split, worlds):
             assert strip.shape == (256, 4 * 256 + 3 * 4, 3)  # input | truth | prediction | errors, 32 px x 8
 
 
+@pytest.mark.slow
+def test_grouped_eval_predicts_alike_for_any_world_size_and_workers(trained_run, tmp_path):
+    """Batches of 3 (groups that cross shard boundaries: val7 is 3 + 3 + 1 samples): every frame's
+    IoU, and so the matrix, is the same bit for bit at 1, 2 and 3 processes with 0, 1 and 2 workers."""
+    recipe, run = trained_run
+    manifest = load_manifest(load_recipe(recipe).data.root, "val7")
+    results = []
+    for world, workers in ((1, 0), (2, 1), (3, 2)):
+        out, report = tmp_path / f"m{world}.json", tmp_path / f"report{world}"
+        result = launch("eval.py", [str(recipe), "--checkpoint", str(run), "--split", "val7", "--out", str(out),
+                                    "--report", str(report), "--show", "1", "--set", "eval.batch_size=3",
+                                    "--set", f"eval.num_workers={workers}"], nproc=world)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads(out.read_text())
+        assert metrics["world_size"] == world and metrics["valid_pixels"] == manifest.valid_pixels
+        results.append(metrics)
+    assert len(results[0]["per_image_iou"]) == 7
+    for metrics in results[1:]:
+        assert metrics["per_image_iou"] == results[0]["per_image_iou"]
+        assert metrics["confusion_matrix"] == results[0]["confusion_matrix"]
+
+
 def test_eval_of_missing_checkpoint_exits_2(tiny_recipe, tmp_path):
     result = launch("eval.py", [str(tiny_recipe), "--checkpoint", str(tmp_path / "nope")])
     assert result.returncode == 2

@@ -56,9 +56,8 @@ def test_a_split_over_http_is_the_local_split_even_when_the_connection_drops(sha
         assert samples(remote) == samples(local)  # the cut shard was fetched again from where it broke off
         assert server.gets["val7-000001.tar"] == 3 and not server.cuts
         # The eval stream over two "ranks": every sample once, as from the folder.
-        keys = [k for rank in (0, 1) for k, _, _ in EvalStream(remote.sources(), rank=rank, world=2,
-                                                                num_classes=4, ignore_index=255)]
-        assert sorted(keys) == sorted(s["__key__"] for s in samples(local))
+        keys = [k for rank in (0, 1) for k, _, _ in EvalStream.of(remote, rank=rank, world=2, group=2)]
+        assert keys == [s["__key__"] for s in samples(local)]
 
 
 def test_the_cache_keeps_whole_checked_shards_and_nothing_half_read(shapes_root, tmp_path):

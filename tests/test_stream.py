@@ -14,22 +14,79 @@ from segdist.data.stream import EvalStream, GlobalBatches, PassOrder, TrainStrea
 from segdist.errors import UserError
 
 
-def eval_keys(manifest, world, workers):
-    keys = []
+def canonical_groups(manifest, group):
+    """The split's keys in manifest order (shard by shard, in-shard order), cut into groups of `group`."""
+    keys = [sample["__key__"] for path in manifest.shard_paths() for sample in read_shard(path)]
+    return [keys[i: i + group] for i in range(0, len(keys), group)]
+
+
+def eval_batches(manifest, world, workers, group):
+    """The key list of every batch of every rank's eval loader (`workers` real DataLoader workers)."""
+    batches = []
     for rank in range(world):
-        stream = EvalStream(manifest.shard_paths(), rank=rank, world=world, num_classes=4, ignore_index=255)
-        for batch_keys, images, masks, _ in eval_loader(stream, 2, workers, 255, pin_memory=False):
+        stream = EvalStream.of(manifest, rank=rank, world=world, group=group)
+        for keys, images, masks, sizes in eval_loader(stream, workers, pin_memory=False):
             assert masks.dtype == torch.uint8  # uint8 masks and ignore 255: an eighth of an int64 batch
-            keys += batch_keys
-    return keys
+            assert len(keys) == len(images) == len(sizes)
+            batches.append(keys)
+    return batches
 
 
-@pytest.mark.parametrize("split", ["val7", "val7b"])
-@pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (3, 0), (3, 2), (4, 2)])
-def test_eval_stream_reads_every_sample_exactly_once(shapes_root, split, world, workers):
+@pytest.mark.parametrize("split, group", [("val7", 2), ("val7b", 3), ("val7", 8)])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_batches_are_the_canonical_groups_for_any_world_size_and_workers(shapes_root, split, group, world, workers):
+    """Each batch is exactly one group of `group` consecutive samples in manifest order, each group
+    once: groups cross shard boundaries (val7: 3 + 3 + 1, val7b: 4 + 3), some slots get none."""
     manifest = load_manifest(shapes_root, split)
-    keys = eval_keys(manifest, world, workers)
-    assert len(keys) == 7 and len(set(keys)) == 7
+    groups = canonical_groups(manifest, group)
+    assert sum(map(len, groups)) == 7 and len(groups) == -(-7 // group)
+    assert sorted(eval_batches(manifest, world, workers, group)) == sorted(groups)
+
+
+def test_eval_slots_take_contiguous_balanced_ranges_of_groups(shapes_root):
+    stream = EvalStream.of(load_manifest(shapes_root, "val7"), rank=0, world=1, group=2)  # 4 groups
+    assert [stream.positions(s, 3) for s in range(3)] == [range(0, 2), range(2, 4), range(4, 7)]
+    assert [stream.positions(s, 6) for s in range(6)] == [range(0, 0), range(0, 2), range(2, 4), range(4, 4),
+                                                          range(4, 6), range(6, 7)]  # 2 slots of 6 idle
+
+
+def test_an_eval_slot_reads_only_its_shards_and_decodes_only_its_samples(tmp_path):
+    """Shards [k0, k1, bad2, k3] and [k4, k5]: the slot of k3..k5 passes over bad2 without decoding
+    it; the slot of k4, k5 does not open the first shard at all (here: it is gone)."""
+    m = write_split(tmp_path, ["k0", "k1", "bad2", "k3", "k4", "k5"])
+    keys = [key for key, _, _ in EvalStream.of(m, rank=1, world=2, group=1)]
+    assert keys == ["k3", "k4", "k5"]
+    with pytest.raises(CorruptSample, match="sample bad2"):
+        list(EvalStream.of(m, rank=0, world=2, group=1))
+    m.shard_paths()[0].unlink()
+    assert [key for key, _, _ in EvalStream.of(m, rank=2, world=3, group=2)] == ["k4", "k5"]
+
+
+def test_a_shard_that_holds_another_count_than_its_manifest_is_named(tmp_path):
+    m = write_split(tmp_path / "a", [f"k{i}" for i in range(6)], per_shard=3)
+    more = write_split(tmp_path / "more", [f"m{i}" for i in range(4)], per_shard=4).shard_paths()[0]
+    fewer = write_split(tmp_path / "fewer", ["f0", "f1"], per_shard=3).shard_paths()[0]
+    first = m.shard_paths()[0]
+    first.write_bytes(more.read_bytes())
+    with pytest.raises(UserError, match=r"a/s-000000.tar holds more samples than the 3 its manifest says: "
+                                        r"the shards changed since conversion; run launch/shard.py verify"):
+        list(EvalStream.of(m, rank=0, world=1, group=2))
+    # the check is the slot's that reads the shard's end (positions 2, 3), not the one before it (0, 1)
+    assert [key for key, _, _ in EvalStream.of(m, rank=0, world=3, group=1)] == ["m0", "m1"]
+    with pytest.raises(UserError, match="holds more samples than the 3"):
+        list(EvalStream.of(m, rank=1, world=3, group=1))
+    first.write_bytes(fewer.read_bytes())
+    with pytest.raises(UserError, match="s-000000.tar holds 2 samples, its manifest says 3"):
+        list(EvalStream.of(m, rank=0, world=1, group=2))
+
+
+def test_eval_stream_without_sample_counts_reads_everything_in_one_slot_only(shapes_root):
+    manifest = load_manifest(shapes_root, "val7")
+    stream = EvalStream(manifest.shard_paths(), rank=0, world=1, num_classes=4, ignore_index=255, group=3)
+    assert [keys for keys, *_ in eval_loader(stream, 0, pin_memory=False)] == canonical_groups(manifest, 3)
+    with pytest.raises(ValueError, match="needs samples_per_shard to split a split over 2 slots"):
+        list(EvalStream(manifest.shard_paths(), rank=0, world=2, num_classes=4, ignore_index=255))
 
 
 def make_train(manifest, seed=0, colour=None, shuffle_buffer=8, **kw):

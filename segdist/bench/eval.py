@@ -1,5 +1,6 @@
-"""`launch/bench.py eval`: evaluation throughput of whole, slide and slide + flip, and the share of
-its wall time spent counting (ConfusionMatrix.update) and in the all-reduce.
+"""`launch/bench.py eval`: evaluation throughput of whole, slide and slide + flip, in canonical
+groups of --batch-size frames and with every frame alone (batch 1), and the share of the grouped
+run's wall time spent counting (ConfusionMatrix.update) and in the all-reduce.
 
 The real path: segdist.evaluate.evaluate over converted shapes shards (the bench converts
 --count frames of --size x --size unless --data names a converted root with a `val` split), the
@@ -7,6 +8,12 @@ demo recipe's UNet (random weights: the speed does not depend on them), in this 
 process: the all-reduce is a no-op here; launched with several processes it is the real one).
 The update and the all-reduce are timed by wrapping them for the bench's run; on a GPU each timed
 call synchronises first, so the share is of work done, not of work queued.
+
+Both groupings give batches that do not depend on the world size (segdist.data.stream.EvalStream):
+"groups" is evaluation with eval.batch_size = --batch-size, "alone" with eval.batch_size = 1 (the
+slide windows still go --batch-size per forward pass). Each mode runs them --rounds times,
+alternating which goes first, and keeps each one's best time; `groups/alone` is the ratio of
+their samples/s.
 
 `--processes 1 2` converts the frames once and launches the bench once per world size
 (`accelerate launch --multi_gpu` for several: gloo on CPUs, NCCL on GPUs); each rank evaluates
@@ -29,14 +36,15 @@ from segdist.bench.options import require_positive
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="eval samples/s of whole / slide / slide+flip, and the counting share",
+    p = sub.add_parser("eval", help="eval samples/s of whole / slide / slide+flip, grouped and alone, and the counting share",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="converted data root with a `val` split (default: shapes converted here)")
     p.add_argument("--count", type=int, default=64, help="frames converted when --data is not given (default 64)")
     p.add_argument("--size", type=int, default=256, help="side of the converted frames (default 256)")
     p.add_argument("--crop", type=int, default=128, help="slide window side (default 128; stride two thirds of it)")
-    p.add_argument("--batch-size", type=int, default=8, help="frames (and slide windows) per batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per canonical group, and slide windows per forward (default 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each grouping per mode, the best counts (default 1)")
     p.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
                    help="world sizes to launch the bench with, one after the other (e.g. 1 2); default: this process")
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # a launched child's rows, as JSON
@@ -70,7 +78,7 @@ class Timed:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_positive(args, "count", "size", "crop", "batch_size", "threads")
+    require_positive(args, "count", "size", "crop", "batch_size", "threads", "rounds")
     if args.processes:
         return run_launched(args)
     from segdist.bench.scale import convert_shapes
@@ -83,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace, root: Path) -> int:
-    """The three modes in this process (one rank of a launched bench)."""
+    """The three modes, grouped and alone, in this process (one rank of a launched bench)."""
     from segdist.data.manifest import load_manifest
     from segdist.distributed import make_accelerator
     from segdist.evaluate import evaluate
@@ -108,26 +116,33 @@ def measure(args: argparse.Namespace, root: Path) -> int:
     manifest = load_manifest(root, "val")
     original_update, original_reduce = ConfusionMatrix.update, accelerator.reduce
     for name, mode in variants.items():
-        update = Timed(original_update, accelerator.device)
-        reduce = Timed(original_reduce, accelerator.device, barrier=accelerator.num_processes > 1)
-        ConfusionMatrix.update = lambda self, pred, target, _timed=update: _timed(self, pred, target)
-        accelerator.reduce = reduce
-        try:
-            accelerator.wait_for_everyone()
-            start = time.perf_counter()
-            metrics = evaluate(model, manifest, accelerator, args.batch_size, 0, mode)
-            wall = time.perf_counter() - start
-        finally:
-            ConfusionMatrix.update, accelerator.reduce = original_update, original_reduce
-        rows.append((name, accelerator.num_processes, metrics["num_samples"] / wall, update.seconds / wall,
-                     reduce.seconds / wall, reduce.waited / wall))
+        best: dict[int, tuple] = {}  # group size -> (wall, update, reduce) of its fastest run
+        for r in range(args.rounds):
+            for group in (args.batch_size, 1) if r % 2 == 0 else (1, args.batch_size):
+                update = Timed(original_update, accelerator.device)
+                reduce = Timed(original_reduce, accelerator.device, barrier=accelerator.num_processes > 1)
+                ConfusionMatrix.update = lambda self, pred, target, _timed=update: _timed(self, pred, target)
+                accelerator.reduce = reduce
+                try:
+                    accelerator.wait_for_everyone()
+                    start = time.perf_counter()
+                    metrics = evaluate(model, manifest, accelerator, group, 0, mode)
+                    wall = time.perf_counter() - start
+                finally:
+                    ConfusionMatrix.update, accelerator.reduce = original_update, original_reduce
+                if group not in best or wall < best[group][0]:
+                    best[group] = (wall, update, reduce)
+        wall, update, reduce = best[args.batch_size]
+        alone = best[1][0]
+        rows.append((name, accelerator.num_processes, metrics["num_samples"] / wall, metrics["num_samples"] / alone,
+                     update.seconds / wall, reduce.seconds / wall, reduce.waited / wall))
     if accelerator.is_main_process:
         if args.result:
             Path(args.result).write_text(json.dumps({"rows": rows, "precision": precision.name,
-                                                     "samples": manifest.num_samples}))
+                                                     "samples": manifest.num_samples, "frames": frames(manifest, args)}))
         else:
-            print(header(args, manifest.num_samples, precision.name, [accelerator.num_processes],
-                         detect_hardware().describe()))
+            print(header(args, manifest.num_samples, frames(manifest, args), precision.name,
+                         [accelerator.num_processes], detect_hardware().describe()))
             print(table(rows))
     accelerator.end_training()
     return 0
@@ -144,25 +159,36 @@ def run_launched(args: argparse.Namespace) -> int:
         if not args.data:
             convert_shapes(root, 8, [args.size, args.size], 5, val_count=args.count)
         child = ["--data", str(root), "--size", str(args.size), "--crop", str(args.crop),
-                 "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+                 "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--rounds", str(args.rounds)]
         results = run_per_world_size("eval", child, args.processes, args.threads, tmp)
     rows = [tuple(row) for r in results for row in r["rows"]]
-    print(header(args, results[0]["samples"], results[0]["precision"], args.processes, detect_hardware().describe()))
+    print(header(args, results[0]["samples"], results[0]["frames"], results[0]["precision"], args.processes,
+                 detect_hardware().describe()))
     print(table(rows))
     return 0
 
 
-def header(args, samples: int, precision: str, worlds, machine: str) -> str:
+def frames(manifest, args: argparse.Namespace) -> str:
+    """The frames' size as the manifest stores it ("HxW", or "HxW to HxW"); --size where not recorded."""
+    sizes = (manifest.frame_sizes or {}).get("stored")
+    if sizes is None:
+        return f"{args.size}x{args.size}"
+    low, high = ("x".join(map(str, sizes[end])) for end in ("min", "max"))
+    return low if low == high else f"{low} to {high}"
+
+
+def header(args, samples: int, frame: str, precision: str, worlds, machine: str) -> str:
     stride = max(1, 2 * args.crop // 3)
-    return (f"eval throughput: {samples} frames of {args.size}x{args.size}, demo UNet, {precision}, "
-            f"batch {args.batch_size}, slide window {args.crop} stride {stride}, {', '.join(map(str, worlds))} "
-            f"process(es), {args.threads} thread(s) each; {machine}")
+    return (f"eval throughput: {samples} frames of {frame}, demo UNet, {precision}, "
+            f"groups of {args.batch_size} against alone, slide window {args.crop} stride {stride} "
+            f"({args.batch_size} windows per forward), {', '.join(map(str, worlds))} process(es), "
+            f"{args.threads} thread(s) each, best of {args.rounds}; {machine}")
 
 
 def table(rows) -> str:
-    lines = [f"{'mode':<14} {'processes':>9} {'samples/s':>10} {'update share':>13} {'all-reduce share':>17} "
-             f"{'rank wait share':>16}"]
-    for name, world, rate, update_share, reduce_share, wait_share in rows:
-        lines.append(f"{name:<14} {world:>9} {rate:>10.1f} {100 * update_share:>12.2f}% {100 * reduce_share:>16.2f}% "
-                     f"{100 * wait_share:>15.2f}%")
+    lines = [f"{'mode':<14} {'processes':>9} {'samples/s':>10} {'alone/s':>8} {'groups/alone':>12} "
+             f"{'update share':>13} {'all-reduce share':>17} {'rank wait share':>16}"]
+    for name, world, rate, alone, update_share, reduce_share, wait_share in rows:
+        lines.append(f"{name:<14} {world:>9} {rate:>10.1f} {alone:>8.1f} {rate / alone:>12.2f} "
+                     f"{100 * update_share:>12.2f}% {100 * reduce_share:>16.2f}% {100 * wait_share:>15.2f}%")
     return "\n".join(lines)

@@ -24,6 +24,9 @@ the run is laid out:
 - Resuming at position T (a checkpoint records it, with G and the seed) starts the micro-batches at
   T: the samples that came next, on any layout with the same G, and nothing before T is read.
 
+Evaluation (`EvalStream`): the slots (rank, DataLoader worker), S = world x workers of them, take
+contiguous ranges of fixed-size groups of samples in manifest order, so its batches do not depend on S.
+
 A sample's format (member names, the reader, decoding, the label check) is segdist.data.sample's.
 
 Corrupt data (`data.on_corrupt`): a sample whose bytes are cut short or do not decode raises
@@ -56,7 +59,7 @@ from segdist.data.location import ShardSource
 from segdist.data.manifest import Manifest, check_indexed
 from segdist.data.sampling import draws
 from segdist.data.collate import mask_tensor, pad_collate
-from segdist.data.sample import CorruptSample, ShardError, decode_sample, read_sample, read_shard
+from segdist.data.sample import CorruptSample, decode_sample, read_sample, read_shard
 from segdist.distributed import init_loader_worker
 from segdist.errors import UserError
 
@@ -68,39 +71,6 @@ ON_CORRUPT = ("fail", "skip")
 def _slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _read(path: str | ShardSource, on_bad_shard: Callable[[ShardError], None] | None) -> Iterator[dict]:
-    """`read_shard`, where a broken shard ends early through `on_bad_shard` if given."""
-    try:
-        yield from read_shard(path)
-    except ShardError as exc:
-        if on_bad_shard is None:
-            raise
-        on_bad_shard(exc)
-
-
-def _slot_indexed(shards: list[str | ShardSource], slot: int, slots: int,
-                  on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[tuple[int, int, dict]]:
-    """(position of the shard in `shards`, index in its shard, raw sample) of one slot, in shard order."""
-    if len(shards) >= slots:
-        for j in range(slot, len(shards), slots):
-            for i, sample in enumerate(_read(shards[j], on_bad_shard)):
-                yield j, i, sample
-    else:
-        index = 0
-        for j, path in enumerate(shards):
-            for i, sample in enumerate(_read(path, on_bad_shard)):
-                if index % slots == slot:
-                    yield j, i, sample
-                index += 1
-
-
-def _slot_samples(shards: list[str | ShardSource], slot: int, slots: int,
-                  on_bad_shard: Callable[[ShardError], None] | None = None) -> Iterator[dict]:
-    """The raw samples of one slot, in shard order."""
-    for _, _, sample in _slot_indexed(shards, slot, slots, on_bad_shard):
-        yield sample
 
 
 # -- training: which sample sits at each position --------------------------------------------------
@@ -284,18 +254,98 @@ class TrainStream(Dataset):
         return self.augment(image, mask, int(t))
 
 
+def _group_range(groups: int, slot: int, slots: int) -> tuple[int, int]:
+    """The groups [first, end) of evaluation slot `slot` of `slots`: contiguous, balanced (their
+    numbers differ by at most one); with fewer groups than slots, some slots get none."""
+    return slot * groups // slots, (slot + 1) * groups // slots
+
+
+def _shard_ranges(counts: list[int], start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(shard, first, end) in-shard index ranges that hold the manifest positions [start, end),
+    shards in manifest order."""
+    offset = 0
+    for j, n in enumerate(counts):
+        first, last = max(start - offset, 0), min(end - offset, n)
+        if first < last:
+            yield j, first, last
+        offset += n
+
+
 class EvalStream(IterableDataset):
     """Every sample of a split exactly once across all ranks and workers, un-augmented: images and
-    masks at their stored (native) resolution, whatever the training preset did. Never skips."""
+    masks at their stored (native) resolution, whatever the training preset did. Never skips.
 
-    def __init__(self, shards: list[str | ShardSource], *, rank: int, world: int, num_classes: int, ignore_index: int) -> None:
+    Batches that never depend on the world size: group g of the split is the samples at manifest
+    positions [g*group, (g+1)*group) (manifest order: shard by shard, in-shard order; the last group
+    may be shorter). The S = world x workers slots take contiguous, balanced ranges of groups
+    (`_group_range`; a slot may get none), so with `eval_loader`'s batch size of `group` every batch
+    is exactly one group, and which frames share a forward pass is a function of the manifest and
+    `group` alone. A slot reads only the shards that hold its samples, sequentially from the shard
+    of its first sample, passing over (not decoding) the samples before it. A shard read to its last
+    sample must hold exactly the manifest's count, else a `UserError` names it (the shards changed
+    since conversion).
+
+    `samples_per_shard` (the manifest's counts; `EvalStream.of` takes them from a manifest) is
+    needed to split the split over several slots; without it the only slot reads every shard whole,
+    in groups of `group`."""
+
+    def __init__(self, shards: list[str | ShardSource], *, rank: int, world: int, num_classes: int, ignore_index: int,
+                 group: int = 1, samples_per_shard: list[int] | None = None) -> None:
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        if samples_per_shard is not None and len(samples_per_shard) != len(shards):
+            raise ValueError(f"{len(samples_per_shard)} sample counts for {len(shards)} shards")
         self.shards = list(shards)
         self.rank, self.world = rank, world
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.group = group
+        self.samples_per_shard = None if samples_per_shard is None else [int(n) for n in samples_per_shard]
+
+    @classmethod
+    def of(cls, manifest: Manifest, *, rank: int, world: int, group: int) -> EvalStream:
+        """The stream of a split's shards, wherever its root is, in groups of `group`."""
+        return cls(manifest.sources(), rank=rank, world=world, num_classes=manifest.num_classes,
+                   ignore_index=manifest.ignore_index, group=group,
+                   samples_per_shard=[s.samples for s in manifest.shards])
+
+    def positions(self, slot: int, slots: int) -> range:
+        """The manifest positions that slot `slot` of `slots` reads: whole groups, contiguous (needs
+        `samples_per_shard`)."""
+        total = sum(self.samples_per_shard)
+        first, end = _group_range(-(-total // self.group), slot, slots)
+        return range(first * self.group, min(end * self.group, total))
+
+    def _raw(self, slot: int, slots: int) -> Iterator[dict]:
+        """The raw samples of one slot, in manifest order."""
+        if self.samples_per_shard is None:
+            if slots > 1:
+                raise ValueError(f"EvalStream needs samples_per_shard to split a split over {slots} slots "
+                                 "(EvalStream.of takes them from the manifest)")
+            for path in self.shards:
+                yield from read_shard(path)
+            return
+        span = self.positions(slot, slots)
+        for j, first, last in _shard_ranges(self.samples_per_shard, span.start, span.stop):
+            expected, samples, read = self.samples_per_shard[j], read_shard(self.shards[j]), 0
+            try:
+                for sample in samples:
+                    read += 1
+                    if read > first:  # the samples before `first` are read past, not decoded
+                        yield sample
+                    if read == last:
+                        break
+                if read < last:
+                    raise UserError(f"shard {self.shards[j]} holds {read} samples, its manifest says {expected}: "
+                                    "the shards changed since conversion; run launch/shard.py verify")
+                if last == expected and next(samples, None) is not None:  # this slot reads the shard's end
+                    raise UserError(f"shard {self.shards[j]} holds more samples than the {expected} its manifest "
+                                    "says: the shards changed since conversion; run launch/shard.py verify")
+            finally:
+                samples.close()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         worker, workers = _slot()
-        for sample in _slot_samples(self.shards, self.rank * workers + worker, self.world * workers):
+        for sample in self._raw(self.rank * workers + worker, self.world * workers):
             key, image, mask = decode_sample(sample, self.num_classes, self.ignore_index)
             yield key, torch.from_numpy(image), mask_tensor(mask)
 
@@ -311,8 +361,10 @@ def train_loader(stream: TrainStream, batches: GlobalBatches, num_workers: int, 
     )
 
 
-def eval_loader(stream: EvalStream, batch_size: int, num_workers: int, ignore_index: int, pin_memory: bool) -> DataLoader:
+def eval_loader(stream: EvalStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """The stream's groups as batches (batch size = `stream.group`; each slot yields whole groups,
+    so no batch mixes two), padded by `pad_collate` with the stream's ignore index."""
     return DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=pad_collate(ignore_index), worker_init_fn=init_loader_worker,
+        stream, batch_size=stream.group, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=pad_collate(stream.ignore_index), worker_init_fn=init_loader_worker,
     )

@@ -54,7 +54,13 @@ class Trainer:
         self.num_workers, self.num_workers_reason = loader_workers(r.data.num_workers)
         if setup.resume_from is not None:
             log.info("resumed from %s at step %d", setup.resume_from, self.state.step)
+            if r.train.init_from is not None:
+                log.info("train.init_from = %s not used: a resumed run continues from its own checkpoint "
+                         "(init_from only starts a new run)", r.train.init_from)
             self._warn_if_layout_changed()
+        elif setup.init_from is not None:
+            log.info("model weights from %s (train.init_from); optimizer, schedule, step and data position start "
+                     "afresh", setup.init_from)
         self.state.layout = {"world_size": accelerator.num_processes, "num_workers": self.num_workers,
                              "precision": self.precision.name, "precision_reason": self.precision.reason}
         _check_ranks_agree(accelerator, self.state.step)

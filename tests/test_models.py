@@ -281,5 +281,4 @@ def test_state_shapes_are_those_of_the_built_model(cfg):
     shapes = state_shapes(cfg, 3)
     built = build_model(dataclasses.replace(cfg, encoder_weights=None), 3).state_dict()
     assert shapes == {k: tuple(v.shape) for k, v in built.items()}
-    with pytest.raises(UserError, match="model.arch"):
-        state_shapes(ModelConfig(arch="UNett"), 3)  # a recipe error stays one
+    assert state_shapes(ModelConfig(arch="UNett"), 3) is None  # the build for real says what is wrong

@@ -150,7 +150,8 @@ def check_init_from(recipe: Recipe, classes: int) -> Path:
     """The checkpoint train.init_from names (a run folder: its latest complete one), if this recipe's
     model (with `classes` outputs) can start from its weights: the same model.arch and model.encoder
     as its recipe.toml, the same class count, and every tensor of the shape this model has (read
-    from the weights file's header; nothing is built but on the meta device)."""
+    from the weights file's header against a meta-device build; a model that cannot be built there
+    is checked when build_parts loads the weights, still before anything is written)."""
     try:
         path = resolve_checkpoint(recipe.train.init_from, best=False)
     except UserError as exc:

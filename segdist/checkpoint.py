@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from segdist.errors import UserError
@@ -204,38 +204,75 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its `best`, else its latest complete step)."""
+def resolve_checkpoint(path: str | Path, best: bool = True) -> Path:
+    """A checkpoint folder, or a run folder: its `best` (unless `best` is False: a new run starting
+    from it wants where the run got to), else its latest complete step."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist: give a run folder or a checkpoints/step-N folder")
+    if path.is_file():
+        raise UserError(f"checkpoint {path} is a file: give a checkpoint folder (a run's checkpoints/step-N) "
+                        "or a run folder")
     if (path / MARKER).exists() or (path / "model.safetensors").exists():
         if not is_complete(path):
             raise UserError(f"checkpoint {path} is incomplete (no marker or a truncated file): use an earlier one")
         return path
-    best = checkpoints_dir(path) / "best"
-    if is_complete(best):
-        return best
+    if best and is_complete(checkpoints_dir(path) / "best"):
+        return checkpoints_dir(path) / "best"
     latest = latest_checkpoint(path)
     if latest is None:
         raise UserError(f"no complete checkpoint in {path}: train first, or give a checkpoint folder")
     return latest
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
+FIT_FIX = "use the recipe it was trained with (it is saved beside it as recipe.toml)"
+"""What to do about weights that do not fit the recipe's model, when the recipe should be the checkpoint's own."""
+
+
+def load_weights(path: Path, model: torch.nn.Module, fix: str = FIT_FIX) -> None:
+    """Load checkpoint `path`'s model.safetensors into `model` (strict); a file that does not fit is
+    one UserError ending in `fix`."""
     try:
         state = load_file(str(path / "model.safetensors"))
     except (OSError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {path}: model.safetensors is not readable ({str(exc).strip().splitlines()[0]}); "
-                        "re-copy the checkpoint or use an earlier one") from None
+        raise _unreadable(path, exc) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise UserError(
             f"checkpoint {path} does not fit this recipe's model ({first[1].strip() if len(first) > 1 else first[0]}); "
-            "use the recipe it was trained with (it is saved beside it as recipe.toml)"
+            f"{fix}"
         ) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(f"checkpoint {path}: model.safetensors is not readable ({str(exc).strip().splitlines()[0]}); "
+                     "re-copy the checkpoint or use an earlier one")
+
+
+def weights_misfit(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """What keeps checkpoint `path`'s weights from loading into a model whose state_dict has the
+    shapes `expected` (as strictly as `load_weights` loads them), or None when they fit. Read from
+    model.safetensors' header alone: no tensor is loaded."""
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise _unreadable(path, exc) from None
+    wrong = [k for k in expected if k in saved and saved[k] != tuple(expected[k])]
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if wrong:
+        first = f"its {wrong[0]} has shape {list(saved[wrong[0]])}, this model's {list(expected[wrong[0]])}"
+    elif missing:
+        first = f"it has no {missing[0]}"
+    elif unexpected:
+        first = f"this model has no {unexpected[0]}"
+    else:
+        return None
+    found = wrong or missing or unexpected
+    return first + (f", and {len(found) - 1} more like it" if len(found) > 1 else "")
 
 
 MISSING = {

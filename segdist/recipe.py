@@ -254,6 +254,11 @@ class TrainConfig:
     """Keep only the newest N `step-N` checkpoints (plus `best`); 0 keeps them all."""
     max_bad_steps: int = 10
     """Stop (exit 3, last good weights checkpointed) after N consecutive steps with a non-finite loss or gradient."""
+    init_from: Optional[str] = None
+    """Start a new run from a checkpoint's model weights (mmseg's load_from): a checkpoint folder
+    (`RUN/checkpoints/step-N` or `best`) or a run folder (its latest complete checkpoint). The EMA, if
+    any, starts from the same weights; optimizer, schedule, step count and data position start afresh,
+    so the batch may change. Unused when `--resume` finds a checkpoint in run_dir. "null" = none."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
@@ -270,6 +275,8 @@ class TrainConfig:
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.ckpt_every", self.ckpt_every)
         _non_negative("train.clip_grad_norm", self.clip_grad_norm)
+        if self.init_from is not None and not self.init_from.strip():
+            raise UserError("train.init_from is empty: give a checkpoint folder or a run folder, or \"null\"")
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
 

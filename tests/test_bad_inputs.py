@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_RECIPE
+from conftest import shard as write_shapes
 from segdist.data.manifest import sha256_file
 from segdist.data.shards import encode_png
 
@@ -505,6 +506,45 @@ def resume_with_another_optimizer(c: Ctx) -> Case:
 def resume_past_the_last_step(c: Ctx) -> Case:
     recipe, run = c.trained_copy()
     return Case(train(recipe, "--resume", "--set", "train.steps=2"), ("step 4", "train.steps = 2"), unchanged=run)
+
+
+@case
+def init_from_missing(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", f"train.init_from={c.tmp / 'no-run'}"),
+                ("train.init_from", "no-run", "does not exist"), absent=(c.run,))
+
+
+@case
+def init_from_a_folder_without_checkpoints(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", f"train.init_from={c.shapes}"),
+                ("train.init_from", str(c.shapes), "no complete checkpoint"), absent=(c.run,))
+
+
+@case
+def init_from_another_encoder(c: Ctx) -> Case:
+    _, source = c.trained_copy()
+    return Case(train(c.recipe(), "--set", f"train.init_from={source}", "--set", "model.encoder=resnet34"),
+                ("train.init_from", "model.encoder = 'resnet18'", "resnet34"), absent=(c.run,), unchanged=source)
+
+
+@case
+def init_from_another_class_count(c: Ctx) -> Case:
+    _, source = c.trained_copy()  # 4 classes; the new run's data has 5
+    root = c.tmp / "five"
+    for split, seed in (("train", "1"), ("val7", "2")):
+        write_shapes(["shapes", "--out", str(root), "--size", "32", "32", "--classes", "5", "--split", split,
+                      "--count", "8", "--seed", seed])
+    return Case(train(c.recipe(root=root), "--set", f"train.init_from={source}", "--set", "model.classes=5"),
+                ("train.init_from", "model.classes = 4", "5 outputs"), absent=(c.run,), unchanged=source)
+
+
+@case
+def init_from_other_decoder_widths(c: Ctx) -> Case:
+    _, source = c.trained_copy()
+    return Case(train(c.recipe(), "--set", f"train.init_from={source}",
+                      "--set", "model.decoder_channels=[64, 32, 16, 8, 8]"),
+                ("train.init_from", "step-4", "does not fit", "[32, 768, 3, 3]", "recipe.toml"), absent=(c.run,),
+                unchanged=source)
 
 
 @case

@@ -45,6 +45,36 @@ def test_resolve_prefers_best_then_latest(tmp_path):
     assert resolve_checkpoint(tmp_path).name == "best" and is_complete(tmp_path / "checkpoints" / "best")
     publish_copy(s4, "best")  # replacing an existing best works
     assert resolve_checkpoint(s4) == s4
+    s6 = fake_checkpoint(tmp_path, "step-6")
+    assert resolve_checkpoint(tmp_path).name == "best" and resolve_checkpoint(tmp_path, best=False) == s6
+    with pytest.raises(UserError, match="model.safetensors is a file: give a checkpoint folder"):
+        resolve_checkpoint(s6 / "model.safetensors")
+
+
+def test_weights_misfit_reads_the_shapes_a_strict_load_needs(tmp_path):
+    from safetensors.torch import save_file
+
+    from segdist.checkpoint import load_weights, weights_misfit
+
+    def model(width):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.BatchNorm2d(width))
+
+    def shapes(m):
+        return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+    save_file(model(4).state_dict(), str(tmp_path / "model.safetensors"))
+    assert weights_misfit(tmp_path, shapes(model(4))) is None
+    load_weights(tmp_path, model(4))  # what fits by the header loads
+    wider = "its 0.weight has shape [4, 3, 3, 3], this model's [5, 3, 3, 3], and 5 more like it"
+    assert weights_misfit(tmp_path, shapes(model(5))) == wider
+    with pytest.raises(UserError, match="does not fit"):
+        load_weights(tmp_path, model(5))
+    nested = shapes(torch.nn.Sequential(model(4)))  # the same tensors under other names
+    assert weights_misfit(tmp_path, nested) == "it has no 0.0.weight, and 6 more like it"
+    assert weights_misfit(tmp_path, shapes(model(4)[:1])) == "this model has no 1.bias, and 4 more like it"
+    (tmp_path / "model.safetensors").write_bytes(b"half a file")
+    with pytest.raises(UserError, match="model.safetensors is not readable"):
+        weights_misfit(tmp_path, shapes(model(4)))
 
 
 def test_rng_state_round_trip_survives_weights_only(tmp_path):

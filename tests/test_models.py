@@ -1,8 +1,10 @@
 """Models: our unet/segnet, smp architectures with arch_args, pretrained weights from a file, the
-fast offline failure (with a hub that never answers), the scale options and the weights' EMA."""
+fast offline failure (with a hub that never answers), the scale options, the weights' EMA, and the
+state_dict shapes of a meta-device build."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import os
@@ -18,7 +20,7 @@ import torch.nn as nn
 
 from conftest import ROOT
 from segdist.errors import UserError
-from segdist.models import build_model, prepare_model
+from segdist.models import build_model, prepare_model, state_shapes
 from segdist.models.ema import ModelEMA
 from segdist.models.pretrained import hub_reachable
 from segdist.models.unet import UPSAMPLES
@@ -269,3 +271,14 @@ def test_ema_follows_applied_optimizer_steps():
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert again.updates == 3 and all(torch.equal(a, b) for a, b in
                                       zip(again.module.state_dict().values(), ema.module.state_dict().values()))
+
+
+@pytest.mark.parametrize("cfg", [own("unet", width=4, depth=2),
+                                 ModelConfig(arch="Unet", encoder="resnet18", encoder_weights=HUB_WEIGHTS,
+                                             decoder_channels=[32, 16, 16, 8, 8])])
+def test_state_shapes_are_those_of_the_built_model(cfg):
+    # Hub weights are dropped: the shapes need none (and a checkpoint's weights replace them anyway).
+    shapes = state_shapes(cfg, 3)
+    built = build_model(dataclasses.replace(cfg, encoder_weights=None), 3).state_dict()
+    assert shapes == {k: tuple(v.shape) for k, v in built.items()}
+    assert state_shapes(ModelConfig(arch="UNett"), 3) is None  # the build for real says what is wrong

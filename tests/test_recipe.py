@@ -52,6 +52,8 @@ def test_int_accepted_for_float(tmp_path):
         ("[data]\nnum_workers = \"null\"\n", 'data.num_workers must be an integer or "auto"'),
         ("[data]\nnum_workers = 1.5\n", 'data.num_workers must be an integer or "auto"'),
         ("[data]\nnum_workers = -1\n", 'data.num_workers must be an integer >= 0 or "auto"'),
+        ("[train]\ninit_from = 5\n", "train.init_from must be a string (in quotes), got int 5"),
+        ("[train]\ninit_from = \"\"\n", "train.init_from is empty"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, needle):
@@ -129,3 +131,11 @@ def test_fetch_timeout_is_a_positive_number_of_seconds(tmp_path):
 def test_optional_keys_still_take_null(tmp_path):
     r = load_recipe(write(tmp_path, "[eval]\ncrop = \"null\"\n"), ["model.classes=none"])
     assert r.eval.crop is None and r.model.classes is None
+
+
+def test_init_from_is_a_path_or_null(tmp_path):
+    assert load_recipe(write(tmp_path, "")).train.init_from is None
+    step = "runs/a/checkpoints/step-8"
+    r = load_recipe(write(tmp_path, "[train]\ninit_from = \"null\"\n"), [f"train.init_from={step}"])
+    assert r.train.init_from == step
+    assert load_recipe(write(tmp_path, dumps_toml(r))) == r

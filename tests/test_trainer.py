@@ -1,11 +1,14 @@
 """Real launches of launch/train.py: 2 processes forming one gloo group, TensorBoard tags,
 atomic checkpoints, resume at the right step; a stop signal mid-run, then a resume (past a broken
 checkpoint) that ends bit-identical to an uninterrupted run, with 1 and 2 processes (and with
-precision "auto"); NaN steps; fp16 loss-scaler overflows driven by a real GradScaler."""
+precision "auto"); NaN steps; fp16 loss-scaler overflows driven by a real GradScaler. In process:
+a new run started from another run's weights (train.init_from) with another batch size."""
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import Running, assert_same_weights, final_weights, launch, write_exact_recipe
 from segdist.checkpoint import is_complete, latest_checkpoint
+from segdist.recipe import load_recipe
 
 
 def tags(run: Path) -> dict:
@@ -311,3 +315,50 @@ def test_precision_auto_is_recorded_and_a_resume_is_bit_identical(shapes_root, t
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
     assert "run/precision/text_summary" in acc.Tags()["tensors"]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """torch on one thread, as in the launched runs (OMP_NUM_THREADS=1, which the trainer keeps): in
+    process, with two threads on this 2-core machine and a load of about 3 from other processes,
+    the test below took 8.3, 12.5 and 19.0 s against 6.2, 7.0 and 5.3 s (runs alternated)."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_recipe, tmp_path, caplog, one_thread):
+    from segdist.train import train
+    from segdist.train.setup import build_parts, check_run
+
+    caplog.set_level(logging.INFO, logger="segdist")
+    quick = ["train.eval_every=0", "log.images=0"]
+    source = tmp_path / "run"
+    train(load_recipe(tiny_recipe, ["train.steps=2", *quick]))
+    # A new run from the source's run folder (its latest checkpoint), with half the batch and an EMA.
+    run = tmp_path / "finetune"
+    new = [*quick, f"train.run_dir={run}", f"train.init_from={source}", "data.batch_size=2", "train.steps=3",
+           "model.ema_decay=0.5"]
+    r = load_recipe(tiny_recipe, new)
+    setup = check_run(r)
+    assert setup.init_from == source / "checkpoints" / "step-2" and setup.resume_from is None
+    parts = build_parts(r, setup)
+    saved = load_file(str(setup.init_from / "model.safetensors"))
+    assert_same_weights(parts.model.state_dict(), saved)  # step 0: the checkpoint's weights, bit for bit
+    assert_same_weights(parts.ema.module.state_dict(), saved) and parts.ema.updates == 0
+    assert not parts.optimizer.state and parts.scheduler.last_epoch == 0 and parts.state.step == 0
+    train(r)
+    assert "model weights from" in caplog.text and "effective batch 2 = 2 per process" in caplog.text
+    assert latest_checkpoint(run).name == "step-3"
+    assert [e.step for e in _scalars(run, "train/lr")] == [1, 2, 3]  # its own steps, from 0
+    optimizer = torch.load(run / "checkpoints" / "step-3" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}  # not 2 + 3: a fresh optimizer
+    # A resume continues from the run's own checkpoint; the source is not needed any more.
+    shutil.rmtree(source)
+    caplog.clear()
+    train(load_recipe(tiny_recipe, [*new, "train.steps=4"]), resume="must")
+    assert "at step 3" in caplog.text and "train.init_from" in caplog.text and "not used" in caplog.text
+    assert json.loads((latest_checkpoint(run) / "state.json").read_text())["step"] == 4

@@ -184,6 +184,19 @@ def _check_encoder_name(encoder: str, weights: str | bool | None) -> None:
                         "(or a local file path, or \"null\")")
 
 
+def state_shapes(cfg: ModelConfig, classes: int) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every entry of the recipe's model's state_dict, from a build on the meta device
+    (no memory, no compute, no pretrained weights): what a checkpoint must hold to load into it.
+    None when the model cannot be built there: some cannot (timm's mit/ViT encoders call .item()
+    while they are built), and a recipe error shows when the model is built for real."""
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg, encoder_weights=None), classes)
+    except Exception:  # noqa: BLE001 - best effort: whoever asks falls back to loading the weights
+        return None
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
 def check_batch_norms_train(cfg: ModelConfig, classes: int, crop: tuple[int, int]) -> None:
     """With `data.batch_size = 1` a BatchNorm layer whose input is a 1x1 map (an ASPP image-pooling
     branch pools every image to one pixel) sees one value per channel and cannot train ("Expected

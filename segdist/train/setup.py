@@ -2,6 +2,10 @@
 anything is written (`check_run` -> `Setup`), and the run's parts, built from the recipe and restored
 from the checkpoint when resuming (`build_parts` -> `Parts`). segdist.train.run.train hands both to
 the loop.
+
+A new run with `train.init_from` takes only the model weights of that checkpoint (`check_init_from`
+checks that they fit): optimizer, schedule, counters and data position are a new run's, so the batch
+size may differ from the checkpoint's run.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from segdist.checkpoint import Pieces, latest_checkpoint
+from segdist.checkpoint import Pieces, latest_checkpoint, load_weights, resolve_checkpoint, weights_misfit
 from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
 from segdist.data.manifest import Manifest, check_crop_fits, check_random_access, check_reachable, check_same_labels, load_split
@@ -24,7 +28,7 @@ from segdist.errors import UserError
 from segdist.fileio import check_writable
 from segdist.inference import InferenceMode
 from segdist.losses import build_loss
-from segdist.models import build_model, check_batch_norms_train, prepare_model, resolve_classes
+from segdist.models import OURS, build_model, check_batch_norms_train, prepare_model, resolve_classes, state_shapes
 from segdist.models.ema import ModelEMA
 from segdist.optim import build_optimizer, build_scheduler
 from segdist.precision import Precision, resolve_precision
@@ -57,6 +61,9 @@ class Setup:
     draws: object = None
     """data.sampling = "rare_class": each training sample's draw probability, in manifest order
     (segdist.data.sampling.training_draws); None = uniform passes."""
+    init_from: Path | None = None
+    """The checkpoint whose model weights start this new run (train.init_from, resolved and checked);
+    None without one, and when resuming (the run's own checkpoint wins)."""
 
     @property
     def finished(self) -> bool:
@@ -104,8 +111,20 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
         )
     resume_from = latest if resume != "no" else None
     start = check_resumable(resume_from, recipe, world) if resume_from is not None else 0
+    # init_from only seeds a new run: a resumed one continues from its own checkpoint (and a
+    # requeued job does not need the checkpoint it once started from).
+    seeded = recipe.train.init_from is not None and resume_from is None
+    init_from = check_init_from(recipe, classes) if seeded else None
     return Setup(recipe, train_m, val_m, classes, resume_from, start, creates_run_dir=not run_dir.exists(),
-                 precision=precision, dist=dist, draws=draws)
+                 precision=precision, dist=dist, draws=draws, init_from=init_from)
+
+
+def saved_recipe(path: Path) -> dict:
+    """The recipe checkpoint `path` was trained with, as written in its recipe.toml ({} if unreadable)."""
+    try:
+        return tomllib.loads((path / "recipe.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
 
 
 def resolve_accumulation(recipe: Recipe, world: int) -> Recipe:
@@ -135,10 +154,7 @@ def check_resumable(path: Path, recipe: Recipe, world: int) -> int:
     model and optimizer, and the same data to come (seed and global batch, segdist.data.stream)."""
     state = json.loads((path / "state.json").read_text())
     step = int(state["step"])
-    try:
-        saved = tomllib.loads((path / "recipe.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        saved = {}
+    saved = saved_recipe(path)
     for section, key in (("model", "arch"), ("model", "encoder"), ("model", "classes"), ("optim", "name"),
                          ("train", "seed")):
         before = saved.get(section, {}).get(key)
@@ -176,6 +192,39 @@ def check_global_batch(path: Path, state: dict, recipe: Recipe, world: int) -> N
     )
 
 
+INIT_FROM_FIX = "or give train.init_from a checkpoint of this recipe's model"
+
+
+def check_init_from(recipe: Recipe, classes: int) -> Path:
+    """The checkpoint train.init_from names (a run folder: its latest complete one), if this recipe's
+    model (with `classes` outputs) can start from its weights: the same model.arch and model.encoder
+    as its recipe.toml, the same class count, and every tensor of the shape this model has (read
+    from the weights file's header against a meta-device build; a model that cannot be built there
+    is checked when build_parts loads the weights, still before anything is written)."""
+    try:
+        path = resolve_checkpoint(recipe.train.init_from, best=False)
+    except UserError as exc:
+        raise UserError(f"train.init_from: {exc}") from None
+    saved = saved_recipe(path).get("model", {})
+    for key in ("arch",) if recipe.model.arch in OURS else ("arch", "encoder"):
+        before, now = parse_null(saved.get(key)), getattr(recipe.model, key)
+        if key in saved and before != now:
+            raise UserError(f"train.init_from: checkpoint {path} was trained with model.{key} = {before!r}, this "
+                            f"recipe has {now!r}: set model.{key} = {before!r} (as in its recipe.toml), "
+                            f"{INIT_FROM_FIX}")
+    before = parse_null(saved.get("classes"))
+    if isinstance(before, int) and before != classes:
+        raise UserError(f"train.init_from: checkpoint {path} was trained with model.classes = {before}, this "
+                        f"recipe's model has {classes} output{'s' if classes > 1 else ''}: start from a checkpoint "
+                        "of this class count, or without train.init_from")
+    expected = state_shapes(recipe.model, classes)
+    misfit = weights_misfit(path, expected) if expected is not None else None
+    if misfit:
+        raise UserError(f"train.init_from: checkpoint {path} does not fit this recipe's model ({misfit}): set the "
+                        f"model keys as in its recipe.toml, {INIT_FROM_FIX}")
+    return path
+
+
 @dataclass
 class Parts:
     """What training is made of, built before the process group forms (builders raise UserError)."""
@@ -202,9 +251,16 @@ class Parts:
 
 def build_parts(r: Recipe, setup: Setup) -> Parts:
     torch.manual_seed(r.train.seed)  # the same initial weights on every rank and every run
-    # Resuming, the weights come from the checkpoint: no pretrained download (the node may be offline).
-    model_cfg = dataclasses.replace(r.model, encoder_weights=None) if setup.resume_from else r.model
+    # Resuming or starting from train.init_from, the weights come from a checkpoint: no pretrained
+    # download (the node may be offline).
+    from_checkpoint = setup.resume_from is not None or setup.init_from is not None
+    model_cfg = dataclasses.replace(r.model, encoder_weights=None) if from_checkpoint else r.model
     model = build_model(model_cfg, setup.classes)
+    if setup.init_from is not None:  # before the EMA copies the model: both start from these weights
+        try:
+            load_weights(setup.init_from, model, fix=f"set the model keys as in its recipe.toml, {INIT_FROM_FIX}")
+        except UserError as exc:  # what the header check could not see (a model the meta device cannot build)
+            raise UserError(f"train.init_from: {exc}") from None
     # The EMA copies the plain model, before compile (a copied compiled forward would call the original).
     ema = ModelEMA(model, r.model.ema_decay) if r.model.ema_decay > 0 else None
     model = prepare_model(model, r.model, "cuda" if torch.cuda.is_available() else "cpu", setup.dist.world)

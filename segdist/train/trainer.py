@@ -59,7 +59,13 @@ class Trainer:
         if setup.resume_from is not None:
             log.info("resumed from %s at step %d (sample %d of the run)", setup.resume_from, self.state.step,
                      self.state.position)
+            if r.train.init_from is not None:
+                log.info("train.init_from = %s not used: a resumed run continues from its own checkpoint "
+                         "(init_from only starts a new run)", r.train.init_from)
             self._log_layout_change()
+        elif setup.init_from is not None:
+            log.info("model weights from %s (train.init_from); optimizer, schedule, step and data position start "
+                     "afresh", setup.init_from)
         self.state.layout = {"world_size": accelerator.num_processes, "num_workers": self.num_workers,
                              "batch_size": r.data.batch_size, "grad_accum": r.train.grad_accum,
                              "precision": self.precision.name, "precision_reason": self.precision.reason}

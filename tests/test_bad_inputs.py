@@ -30,6 +30,7 @@ import torch
 from conftest import ROOT, TINY_RECIPE
 from conftest import shard as write_shapes
 from segdist.data.manifest import sha256_file
+from segdist.data.sample import shard_members
 from segdist.data.shards import encode_png
 
 
@@ -458,8 +459,29 @@ def raw_image_bytes_do_not_match_the_shape(c: Ctx) -> Case:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    manifest = json.loads((root / "train.json").read_text())
+    manifest["shards"][0].update(sha256=sha256_file(tar_path), members=members_of(tar_path))
+    (root / "train.json").write_text(json.dumps(manifest))
     return Case(train(c.recipe(root=root)), ("sample f", "train-000000.tar", "does not decode"), absent=(c.run,),
                 mid_run=True)
+
+
+@case
+def shard_rewritten_after_its_offsets_were_recorded(c: Ctx) -> Case:
+    # The same shard rewritten, the manifest left as it was: its offsets point between other bytes.
+    # Each member's tar header is checked against the manifest, so it is named, not trained on.
+    root = tier(c, 32, "raw")
+    tar_path = root / "train-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            data = data[:-7] if name.endswith(".image.npy") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return Case(train(c.recipe(root=root)), ("sample f", "train-000000.tar", "does not match the manifest's offsets",
+                                             "verify"), absent=(c.run,), mid_run=True)
 
 
 # -- runs and checkpoints ----------------------------------------------------------------------------
@@ -630,9 +652,16 @@ def split_with(c: Ctx, mask: np.ndarray) -> Path:
                 tar.addfile(info, io.BytesIO(data))
     manifest = json.loads((root / "val7.json").read_text())
     manifest.update(split="train", num_samples=12, class_pixels=[32 * 32 * 12, 0, 0, 0],
-                    shards=[{"file": tar_path.name, "samples": 12, "sha256": sha256_file(tar_path)}])
+                    shards=[{"file": tar_path.name, "samples": 12, "sha256": sha256_file(tar_path),
+                             "members": members_of(tar_path)}])
     (root / "train.json").write_text(json.dumps(manifest))
     return root
+
+
+def members_of(tar_path: Path) -> list:
+    """The member offsets of a tar written by hand, as the manifest records them."""
+    with open(tar_path, "rb") as f:
+        return shard_members(f)
 
 
 @case

@@ -223,11 +223,15 @@ def test_read_sample_keeps_a_few_files_open_and_a_forked_worker_its_own(shapes_r
 
     paths = manifest.shard_paths()[:3]
     lru = _OpenShards(size=2)
-    assert [lru.read(p, 0, 5, [["a", 1, 3]]) for p in paths] == [(5, {"a": p.read_bytes()[1:4]}) for p in paths]
+    firsts = [shard.members[0][1][0] for shard in manifest.shards[:3]]  # [kind, offset, size] of a member
+    got = [lru.read(p, off - 512, n + 512, [[kind, off, n]]) for p, (kind, off, n) in zip(paths, firsts)]
+    assert got == [(n + 512, {kind: p.read_bytes()[off:off + n]}) for p, (kind, off, n) in zip(paths, firsts)]
     assert list(lru._fds) == [str(p) for p in paths[1:]]
     assert lru.read(paths[1], 512, 3, []) == (3, {}) and list(lru._fds)[-1] == str(paths[1])
     size = paths[1].stat().st_size
     assert lru.read(paths[1], size - 2, 5, [])[0] == 2  # where the file ends first: short
+    with pytest.raises(ValueError, match="the tar header before byte 1 holds"):  # not where a member's data starts
+        lru.read(paths[0], 0, 5, [["a", 1, 3]])
     fds = list(lru._fds.values())
     lru.forget()
     for fd in fds:

@@ -228,8 +228,8 @@ class _OpenShards:
 
     def read(self, path: str | Path, start: int, size: int, members: list) -> tuple[int, dict[str, bytes]]:
         """(bytes the file holds of the `size` from `start`, the `[kind, offset, size]` members cut
-        out of them as {kind: bytes}); where the file ends first, the count is short and the members
-        are not to be used. OSError when the file cannot be opened."""
+        out of them as {kind: bytes}, `_cut`); where the file ends first, the count is short and no
+        member is cut. OSError when the file cannot be opened."""
         with self._lock:
             fd = self._fd(str(path))
             if len(self._scratch) < size:
@@ -241,14 +241,31 @@ class _OpenShards:
                     if not got:
                         break
                     done += got
-                return done, _cut(view, start, members)
+                return done, (_cut(view, start, members) if done == size else {})
             finally:
                 view.release()
 
 
 def _cut(span: memoryview, start: int, members: list) -> dict[str, bytes]:
-    """{kind: bytes} of the `[kind, offset, size]` members of a span read from byte `start`."""
-    return {kind: bytes(span[offset - start: offset - start + length]) for kind, offset, length in members}
+    """{kind: bytes} of the `[kind, offset, size]` members of a span read from byte `start`, which
+    begins with the first member's tar header: each member's header (the 512 bytes before its data)
+    must give its kind and size, else ValueError says which does not (a shard changed after the
+    manifest recorded its offsets would otherwise hand over other bytes, which may even decode)."""
+    out = {}
+    for kind, offset, length in members:
+        header = bytes(span[offset - start - tarfile.BLOCKSIZE: offset - start])
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+        try:
+            stored = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            stored = -1
+        if not name.lower().endswith("." + kind) or stored != length:
+            raise ValueError(f"the tar header before byte {offset} holds {name!r} of {stored} bytes, the manifest "
+                             f"says a {kind} of {length}")
+        out[kind] = bytes(span[offset - start: offset - start + length])
+    return out
 
 
 _OPEN_SHARDS = _OpenShards()
@@ -260,7 +277,8 @@ def read_sample(source: str | Path | ShardSource, key: str, members: list) -> di
     """The raw sample `key` of a shard, exactly as `read_shard` yields it (`__key__`, `__url__` =
     `str(source)`, the bytes of each member under its kind), from its `members` as the manifest
     records them (`[[kind, offset, size], ...]`), without scanning the shard: ONE contiguous read,
-    from the first member's offset to the last one's end, sliced into the members.
+    from the first member's tar header to the last member's end, every member's header checked
+    against the manifest (a changed shard is a `CorruptSample`), sliced into the members.
 
     - a local shard (a path, a local source, or a remote one whose verified copy is in the cache):
       one `os.preadv` on a descriptor kept open (`_OpenShards`); a missing file is a `UserError`;
@@ -275,7 +293,8 @@ def read_sample(source: str | Path | ShardSource, key: str, members: list) -> di
     sample = {"__key__": key, "__url__": url}
     if not members:
         return sample  # decode_sample names what it lacks
-    start = min(offset for _, offset, _ in members)
+    first = min(offset for _, offset, _ in members)
+    start = first - tarfile.BLOCKSIZE  # from the first member's tar header: `_cut` checks every header
     size = max(offset + length for _, offset, length in members) - start
     path: str | Path | None = source
     if isinstance(source, ShardSource):
@@ -285,16 +304,22 @@ def read_sample(source: str | Path | ShardSource, key: str, members: list) -> di
                 path = source.ensure_cached()
             except ValueError as exc:  # fetched whole, and not the manifest's shard
                 raise ShardError(url, None, str(exc)) from None
-    if path is None:
-        span = read_range(source, start, size)
-        got, parts = len(span), _cut(memoryview(span), start, members)
-    else:
-        try:
-            got, parts = _OPEN_SHARDS.read(path, start, size, members)
-        except OSError as exc:
-            raise _cannot_open(path, exc) from None
+    try:
+        if path is None:
+            span = read_range(source, start, size)
+            got, parts = len(span), (_cut(memoryview(span), start, members) if len(span) == size else {})
+        else:
+            try:
+                got, parts = _OPEN_SHARDS.read(path, start, size, members)
+            except OSError as exc:
+                raise _cannot_open(path, exc) from None
+    except ValueError as exc:
+        raise CorruptSample(key, url, f"does not match the manifest's offsets ({exc}): the shard changed since they "
+                                      "were recorded; run launch/shard.py verify on its folder") from None
     if got < size:
-        raise CorruptSample(key, url, f"is cut short: the shard holds {got} of its {size} bytes from byte {start}")
+        held = max(0, got - tarfile.BLOCKSIZE)
+        raise CorruptSample(key, url, f"is cut short: the shard holds {held} of its {size - tarfile.BLOCKSIZE} bytes "
+                                      f"from byte {first}")
     sample.update(parts)
     return sample
 

@@ -172,7 +172,16 @@ class Trainer:
 
     # -- the pieces of the loop --------------------------------------------------------------------
     def _draw(self) -> list:
-        return [next(self.batches) for _ in range(self.r.train.grad_accum)]
+        try:
+            return [next(self.batches) for _ in range(self.r.train.grad_accum)]
+        except Exception:
+            # Loader workers decode micro-batches ahead, each on its own: stop them before the error is
+            # reported, so that nothing they print (a decoder's complaint about the next bad sample)
+            # follows its one line.
+            shutdown = getattr(self.batches, "_shutdown_workers", None)  # torch's multi-worker iterator
+            if shutdown is not None:
+                shutdown()
+            raise
 
     def _start_data(self):
         """This rank's micro-batches from the position reached, then the RNG state: the checkpoint's

@@ -446,11 +446,8 @@ def crop_larger_than_the_tier(c: Ctx) -> Case:
     return Case(train(c.recipe(root=root)), ("data.crop [32, 32]", "at most 16x16", "--max-size 16"), absent=(c.run,))
 
 
-@case
-def raw_image_bytes_do_not_match_the_shape(c: Ctx) -> Case:
-    # A raw (.npy) member cut short inside a valid tar fails as any corrupt sample does.
-    root = tier(c, 32, "raw")
-    tar_path = root / "train-000000.tar"
+def cut_raw_images(tar_path: Path) -> Path:
+    """Rewrite a shard with every raw (.npy) image 7 bytes short, still a valid tar."""
     with tarfile.open(tar_path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -459,6 +456,14 @@ def raw_image_bytes_do_not_match_the_shape(c: Ctx) -> Case:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return tar_path
+
+
+@case
+def raw_image_bytes_do_not_match_the_shape(c: Ctx) -> Case:
+    # A raw (.npy) member cut short inside a valid tar fails as any corrupt sample does.
+    root = tier(c, 32, "raw")
+    tar_path = cut_raw_images(root / "train-000000.tar")
     manifest = json.loads((root / "train.json").read_text())
     manifest["shards"][0].update(sha256=sha256_file(tar_path), members=members_of(tar_path))
     (root / "train.json").write_text(json.dumps(manifest))
@@ -471,15 +476,7 @@ def shard_rewritten_after_its_offsets_were_recorded(c: Ctx) -> Case:
     # The same shard rewritten, the manifest left as it was: its offsets point between other bytes.
     # Each member's tar header is checked against the manifest, so it is named, not trained on.
     root = tier(c, 32, "raw")
-    tar_path = root / "train-000000.tar"
-    with tarfile.open(tar_path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            data = data[:-7] if name.endswith(".image.npy") else data
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    cut_raw_images(root / "train-000000.tar")
     return Case(train(c.recipe(root=root)), ("sample f", "train-000000.tar", "does not match the manifest's offsets",
                                              "verify"), absent=(c.run,), mid_run=True)
 

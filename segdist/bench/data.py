@@ -212,8 +212,7 @@ def one_process_ms(source: str, root: Path, count: int, transform) -> float:
         raws = (s for p in sorted((root / "png").glob("train-*.tar")) for s in read_shard(p))
     else:  # by offset, in a pass's order, as the training stream reads
         manifest = load_manifest(root / source, "train")
-        where = [(path, key, members) for path, shard in zip(manifest.shard_paths(), manifest.shards)
-                 for key, members in shard.members]
+        where = manifest.located()
         raws = (read_sample(*where[i]) for i in PassOrder([sh.samples for sh in manifest.shards], 0, 16)(0))
     start, n = time.process_time(), 0
     for raw in raws:

@@ -191,8 +191,7 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
         t = time.perf_counter()
         # As the training stream reads them: by offset, in a pass's order (blocks of the recipe's size).
         order = PassOrder([sh.samples for sh in manifest.shards], 0, recipe.data.shuffle_buffer)(0)
-        where = [(path, key, members) for path, sh in zip(manifest.shard_paths(), manifest.shards)
-                 for key, members in sh.members]
+        where = manifest.located()
         raws = [read_sample(*where[i]) for i in order]
         spent["read"] = time.perf_counter() - t
         items = []

@@ -96,6 +96,12 @@ class Manifest:
         cache = self.cache_dir if is_remote(root) else None
         return [ShardSource(root, s.file, s.sha256, cache, self.fetch_retries, self.fetch_timeout) for s in self.shards]
 
+    def located(self) -> list[tuple[ShardSource, str, list]]:
+        """(shard source, key, member offsets) of every sample in manifest order: what
+        segdist.data.sample.read_sample takes. The split must be indexed (`check_indexed`)."""
+        return [(source, key, members) for source, shard in zip(self.sources(), self.shards)
+                for key, members in shard.members]
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT,

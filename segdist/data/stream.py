@@ -212,9 +212,7 @@ class TrainStream(Dataset):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         check_indexed(manifest)
-        self.sources = manifest.sources()
-        # (shard, key, members) of every sample, in manifest order
-        self.samples = [(j, key, members) for j, shard in enumerate(manifest.shards) for key, members in shard.members]
+        self.samples = manifest.located()  # (shard, key, member offsets) of every sample, in manifest order
         self.order = PassOrder([s.samples for s in manifest.shards], seed, shuffle_buffer, probabilities)
         self.augment = SampleAugment(transform, seed, colour)
         self.reduce_for = reduce_for  # JPEGs decoded at the scale the preset shrinks them to first
@@ -226,14 +224,9 @@ class TrainStream(Dataset):
     def collate(self) -> Callable:
         return self.augment.collate
 
-    def key_at(self, t: int) -> str:
-        """The key of the sample at run position t (before any skip)."""
-        return self.samples[self.order.sample_at(t)][1]
-
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of the sample at manifest index `index`, decoded for training."""
-        shard, key, members = self.samples[index]
-        raw = read_sample(self.sources[shard], key, members)
+        raw = read_sample(*self.samples[index])
         _, image, mask = decode_sample(raw, self.num_classes, self.ignore_index, self.reduce_for)
         return image, mask
 

@@ -52,6 +52,15 @@ def test_a_missing_root_or_split_says_how_to_convert(tmp_path):
         load_manifest(tmp_path, "train")
 
 
+def test_located_gives_every_samples_shard_key_and_members_in_manifest_order(shapes_root):
+    m = load_manifest(shapes_root, "val7")
+    where = m.located()
+    expected = [(src, key, members) for src, info in zip(m.sources(), m.shards) for key, members in info.members]
+    assert len(where) == m.num_samples == len(expected)
+    assert [where[i] for i in range(len(where))] == expected
+    assert where.offset.dtype == "int64" and where.keys.dtype.kind == "U"  # arrays, not a list per sample
+
+
 def test_member_offsets_are_read_and_their_absence_says_how_to_add_them(shapes_root, tmp_path):
     m = load_manifest(shapes_root, "val7")
     assert m.indexed and [len(s.members) for s in m.shards] == [s.samples for s in m.shards]

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from segdist.data.location import (ShardSource, address, check_seekable, check_sources, is_remote, local_root,
                                    read_file)
 from segdist.errors import UserError
@@ -96,11 +98,10 @@ class Manifest:
         cache = self.cache_dir if is_remote(root) else None
         return [ShardSource(root, s.file, s.sha256, cache, self.fetch_retries, self.fetch_timeout) for s in self.shards]
 
-    def located(self) -> list[tuple[ShardSource, str, list]]:
-        """(shard source, key, member offsets) of every sample in manifest order: what
+    def located(self) -> Located:
+        """(shard source, key, member offsets) of every sample in manifest order, by index: what
         segdist.data.sample.read_sample takes. The split must be indexed (`check_indexed`)."""
-        return [(source, key, members) for source, shard in zip(self.sources(), self.shards)
-                for key, members in shard.members]
+        return Located(self.sources(), self.shards)
 
     def to_json(self) -> dict:
         return {
@@ -260,6 +261,38 @@ def _members(shard: dict) -> list[list] | None:
     if len(out) != int(shard["samples"]):
         raise ValueError(f"shard {shard['file']} records the members of {len(out)} samples, not {shard['samples']}")
     return out
+
+
+class Located:
+    """Where each sample of a split lies, in manifest order: `located[i]` is (shard source, key,
+    `[[kind, offset, size], ...]`), what segdist.data.sample.read_sample takes.
+
+    Held as a few numpy arrays, not a Python list per sample: a loader worker forked from the
+    training process reads them from the parent's pages, where lists of lists (about 850 bytes a
+    sample) would be copied into every worker as the worker's garbage collector and reference counts
+    touch them."""
+
+    def __init__(self, sources: list[ShardSource], shards: list[ShardInfo]) -> None:
+        self.sources = sources
+        samples = [sample for shard in shards for sample in shard.members]
+        self.shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(s.members) for s in shards])
+        self.keys = np.array([key for key, _ in samples], dtype=str)
+        self.kinds = sorted({kind for _, spans in samples for kind, _, _ in spans})
+        code = {kind: n for n, kind in enumerate(self.kinds)}
+        spans = [span for _, members in samples for span in members]
+        self.kind = np.array([code[kind] for kind, _, _ in spans], dtype=np.int16)
+        self.offset = np.array([offset for _, offset, _ in spans], dtype=np.int64)
+        self.size = np.array([size for _, _, size in spans], dtype=np.int64)
+        self.first = np.zeros(len(samples) + 1, dtype=np.int64)  # sample i's members: [first[i], first[i + 1])
+        np.cumsum([len(members) for _, members in samples], out=self.first[1:])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[ShardSource, str, list[list]]:
+        members = range(int(self.first[i]), int(self.first[i + 1]))
+        return (self.sources[int(self.shard[i])], str(self.keys[i]),
+                [[self.kinds[self.kind[m]], int(self.offset[m]), int(self.size[m])] for m in members])
 
 
 def check_indexed(manifest: Manifest) -> None:

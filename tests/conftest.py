@@ -197,6 +197,25 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
+# A model without BatchNorm and no dropout: the same global batches on another layout train the same
+# weights, up to float summation order (assert_close_weights).
+GROUP_NORM = ["model.arch=unet", "model.encoder=null", "model.decoder_channels=null",
+              'model.arch_args={width = 8, depth = 2, norm = "group"}', "schedule.name=constant",
+              "optim.name=sgd", "optim.lr=0.05",
+              "train.eval_every=0", "train.ckpt_every=5", "log.images=0", "data.num_workers=0"]
+
+
+def assert_close_weights(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    """Every tensor agrees to `rtol` relative, as ||a - b|| / ||b|| (a weight near 0 may differ by more than
+    1e-5 of itself: float summation order moves every weight by about 1e-7 absolute). Another data order
+    moves them by about 1e-2."""
+    assert a.keys() == b.keys()
+    worst, name = max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12), k) for k in a
+                      if a[k].is_floating_point())
+    print(f"largest relative difference of a tensor: {float(worst):.2e} ({name})")
+    assert worst < rtol, name
+
+
 @pytest.fixture(scope="session")
 def reference_weights(shapes_root, tmp_path_factory):
     """`reference_weights(nproc)`: final weights of EXACT_RECIPE trained without interruption by

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import Running, assert_same_weights, final_weights, launch, write_exact_recipe
+from conftest import GROUP_NORM, Running, assert_close_weights, assert_same_weights, final_weights, launch, write_exact_recipe
 from segdist.checkpoint import is_complete, latest_checkpoint
 from segdist.recipe import load_recipe
 
@@ -131,12 +131,6 @@ def test_sigusr1_to_one_rank_stops_both_and_resume_is_bit_identical(shapes_root,
 
 
 # -- the same run on another layout (a model without BatchNorm, no dropout) -------------------------
-GROUP_NORM = ["model.arch=unet", "model.encoder=null", "model.decoder_channels=null",
-              'model.arch_args={width = 8, depth = 2, norm = "group"}', "schedule.name=constant",
-              "optim.name=sgd", "optim.lr=0.05",
-              "train.eval_every=0", "train.ckpt_every=5", "log.images=0", "data.num_workers=0"]
-
-
 def group_norm_run(recipe, run: Path, nproc: int, batch: int, accum: int, steps: int, *more: str):
     args = [str(recipe), *[a for o in (*GROUP_NORM, f"train.run_dir={run}", f"data.batch_size={batch}",
                                         f"train.grad_accum={accum}", f"train.steps={steps}")
@@ -144,17 +138,6 @@ def group_norm_run(recipe, run: Path, nproc: int, batch: int, accum: int, steps:
     result = launch("train.py", args, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def assert_close_weights(a: dict, b: dict, rtol: float = 1e-5) -> None:
-    """Every tensor agrees to `rtol` relative, as ||a - b|| / ||b|| (a weight near 0 may differ by more than
-    1e-5 of itself: float summation order moves every weight by about 1e-7 absolute). Another data order
-    moves them by about 1e-2."""
-    assert a.keys() == b.keys()
-    worst, name = max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12), k) for k in a
-                      if a[k].is_floating_point())
-    print(f"largest relative difference of a tensor: {float(worst):.2e} ({name})")
-    assert worst < rtol, name
 
 
 @pytest.mark.slow

@@ -225,6 +225,20 @@ def resolve_checkpoint(path: str | Path, best: bool = True) -> Path:
     return latest
 
 
+def run_folder(path: Path) -> Path | None:
+    """The run folder a checkpoint folder lies in (`<run>/checkpoints/<name>`), None for one kept elsewhere."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def saved_step(path: Path) -> int | None:
+    """The training step checkpoint `path` was saved at (its state.json), None where it is not recorded."""
+    try:
+        return int(json.loads((Path(path) / piece_file("trainer")).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 FIT_FIX = "use the recipe it was trained with (it is saved beside it as recipe.toml)"
 """What to do about weights that do not fit the recipe's model, when the recipe should be the checkpoint's own."""
 

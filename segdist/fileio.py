@@ -1,13 +1,16 @@
-"""Atomic writes: a temporary file beside the target, fsync, then `os.replace`. And the one check
-that a folder takes files before a command starts writing (`unwritable`, `check_writable`)."""
+"""Atomic writes: a temporary file beside the target, fsync, then `os.replace`; a folder of files
+the same way (`atomic_folder`, which `check_new_folder` checks for first). And the one check that a
+folder takes files before a command starts writing (`unwritable`, `check_writable`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from segdist.errors import UserError
 
@@ -93,3 +96,58 @@ def check_writable(folder: str | os.PathLike, what: str, create: bool = False) -
     reason = unwritable(folder, create)
     if reason is not None:
         raise UserError(f"{what} {folder} is not writable ({reason}); choose another folder")
+
+
+def check_new_folder(folder: str | os.PathLike, what: str) -> None:
+    """`folder` can become a folder that `atomic_folder` writes: it is not there yet, or an empty
+    folder, in an existing folder that takes files; else a one-line `UserError` naming `what` (the
+    option that gave it) and the folder as given. Anything already in it is refused, never replaced."""
+    path = Path(folder)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir())
+        if found:
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise UserError(f"{what} {folder} is not empty (it holds {found[0]!r}{more}): give a new or empty folder; "
+                            "nothing in it is overwritten")
+    elif path.exists():
+        raise UserError(f"{what} {folder} is a file: give a new or empty folder")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {folder}: its parent folder {parent} does not exist; create it first")
+    check_writable(parent, what)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """A folder that appears whole or not at all. The block writes its files into a temporary folder
+    beside `folder` (yielded); when it ends without an error every file is fsynced and the temporary
+    folder renamed to `folder`, which must not exist or be empty (`check_new_folder`): a rename onto
+    a folder that holds files fails, so a folder filled meanwhile is a `UserError` naming `what`, and
+    is left as it is. On any error the temporary folder is removed."""
+    path = Path(folder).absolute()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for item in sorted(tmp.rglob("*")):
+            if item.is_file():
+                _fsync(item)
+                os.chmod(item, 0o644)  # as atomic_write_bytes leaves a file; some writers make theirs 0o600
+        _fsync(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep others from reading a folder made to be shared
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # ENOTEMPTY, EEXIST, ENOTDIR: something arrived at `folder` meanwhile
+            raise UserError(f"{what} {folder} was filled while it was being written ({exc.strerror}): nothing in it "
+                            "was overwritten; give a new or empty folder") from None
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

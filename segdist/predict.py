@@ -73,6 +73,8 @@ class Predictor:
 
     mode: InferenceMode = InferenceMode()
     """How images go through the model (the recipe's `[eval]` mode) when no size is given."""
+    ema: bool = False
+    """The weights are the checkpoint's EMA copy (segdist.models.load_trained prefers it)."""
 
     def predict(self, image: ImageLike, size: Sequence[int] | None = None,
                 threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +113,7 @@ def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.de
     device = torch.device(device) if device is not None else default_device()
     model.to(device).eval()
     return Predictor(model, info.outputs, list(classes), [list(c) for c in palette], ignore_index, info.checkpoint,
-                     device, InferenceMode.from_recipe(recipe))
+                     device, InferenceMode.from_recipe(recipe), info.ema)
 
 
 def default_device() -> torch.device:

@@ -91,6 +91,10 @@ def evaluate(*args) -> list[str]:
     return [str(ROOT / "launch" / "eval.py"), *map(str, args)]
 
 
+def export(*args) -> list[str]:
+    return [str(ROOT / "launch" / "export.py"), *map(str, args)]
+
+
 def shard(*args) -> list[str]:
     return [str(ROOT / "launch" / "shard.py"), *map(str, args)]
 
@@ -616,6 +620,24 @@ def eval_shard_holds_another_count(c: Ctx) -> Case:
     return Case(evaluate(recipe, "--checkpoint", run, "--out", out),
                 ("val7-000000.tar", "holds more samples than the 3", "launch/shard.py verify"), absent=(out,),
                 mid_run=True)
+
+
+@case
+def export_hf_into_a_folder_that_holds_something(c: Ctx) -> Case:
+    recipe, run = c.trained_copy()
+    out = c.tmp / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a model")
+    return Case(export(recipe, "--checkpoint", run, "--format", "hf", "--out", out),
+                ("--out", "model is not empty", "'notes.txt'", "new or empty folder"), unchanged=out)
+
+
+@case
+def export_hf_with_an_onnx_option(c: Ctx) -> Case:
+    recipe, run = c.trained_copy()
+    out = c.tmp / "model"
+    return Case(export(recipe, "--checkpoint", run, "--format", "hf", "--out", out, "--opset", "17"),
+                ("--opset", "ONNX option", "--format hf"), absent=(out,))
 
 
 @case

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import Running, assert_same_weights, final_weights, launch, write_exact_recipe
 from segdist.checkpoint import (MARKER, STEP_DIR, is_complete, latest_checkpoint, prune_checkpoints, publish_copy,
-                                resolve_checkpoint, rng_state, set_rng_state, step_checkpoints)
+                                resolve_checkpoint, rng_state, run_folder, saved_step, set_rng_state, step_checkpoints)
 from segdist.errors import UserError
 
 
@@ -49,6 +49,15 @@ def test_resolve_prefers_best_then_latest(tmp_path):
     assert resolve_checkpoint(tmp_path).name == "best" and resolve_checkpoint(tmp_path, best=False) == s6
     with pytest.raises(UserError, match="model.safetensors is a file: give a checkpoint folder"):
         resolve_checkpoint(s6 / "model.safetensors")
+
+
+def test_a_checkpoint_knows_its_run_folder_and_step(tmp_path):
+    path = fake_checkpoint(tmp_path, "best")
+    assert run_folder(path) == tmp_path and saved_step(path) is None
+    (path / "state.json").write_text(json.dumps({"step": 6, "best_miou": 0.5}))
+    assert saved_step(path) == 6
+    (tmp_path / "lone").mkdir()
+    assert run_folder(tmp_path / "lone") is None
 
 
 def test_weights_misfit_reads_the_shapes_a_strict_load_needs(tmp_path):

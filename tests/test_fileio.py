@@ -100,3 +100,60 @@ def test_the_reason_is_the_probes_own_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     assert unwritable(tmp_path) == "Read-only file system"
     assert unwritable(tmp_path / "a" / "b", create=True) == "Read-only file system"
+
+
+def test_an_atomic_folder_appears_whole_and_never_on_an_error(tmp_path):
+    from segdist.fileio import atomic_folder
+
+    target = tmp_path / "model"
+    with atomic_folder(target, "--out") as tmp:
+        (tmp / "a.bin").write_bytes(b"12")
+        os.chmod(tmp / "a.bin", 0o600)
+        assert not target.exists() and tmp.parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "a.bin").read_bytes() == b"12"
+    assert oct(target.stat().st_mode & 0o777) == "0o755" and oct((target / "a.bin").stat().st_mode & 0o777) == "0o644"
+
+    with pytest.raises(RuntimeError, match="broke"):
+        with atomic_folder(tmp_path / "other", "--out") as tmp:
+            (tmp / "a.bin").write_bytes(b"12")
+            raise RuntimeError("broke")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_an_atomic_folder_takes_the_place_of_an_empty_one_but_never_of_files(tmp_path):
+    from segdist.errors import UserError
+    from segdist.fileio import atomic_folder
+
+    (tmp_path / "empty").mkdir()
+    with atomic_folder(tmp_path / "empty", "--out") as tmp:
+        (tmp / "a.bin").write_bytes(b"new")
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["a.bin"]
+
+    target = tmp_path / "raced"
+    with pytest.raises(UserError, match="--out .*raced was filled while it was being written"):
+        with atomic_folder(target, "--out") as tmp:
+            (tmp / "a.bin").write_bytes(b"new")
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")  # someone else's file arrives meanwhile
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"] and (target / "theirs.txt").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "raced"]
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda p: (p.mkdir(), (p / "a.txt").write_text("x"), (p / "b.txt").write_text("x")),
+     r"--out .*out is not empty \(it holds 'a.txt' and 1 more\): give a new or empty folder"),
+    (lambda p: p.write_text("x"), "--out .*out is a file: give a new or empty folder"),
+    (None, "--out .*out: its parent folder .*missing does not exist; create it first"),
+])
+def test_a_new_folder_is_new_or_empty_in_a_folder_that_exists(tmp_path, setup, needle):
+    from segdist.errors import UserError
+    from segdist.fileio import check_new_folder
+
+    check_new_folder(tmp_path / "out", "--out")  # not there yet: fine
+    (tmp_path / "empty").mkdir()
+    check_new_folder(tmp_path / "empty", "--out")  # empty: fine
+    target = tmp_path / "out" if setup else tmp_path / "missing" / "out"
+    if setup:
+        setup(target)
+    with pytest.raises(UserError, match=needle):
+        check_new_folder(target, "--out")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from segdist.data.manifest import check_indexed, check_random_access, load_manifest, manifest_path
+from segdist.data.manifest import check_indexed, check_random_access, load_manifest, manifest_path, sha256_file
 from segdist.errors import UserError
 
 
@@ -15,6 +15,7 @@ def test_reads_what_the_converter_wrote(shapes_root):
     assert m.valid_pixels == sum(m.class_pixels) > 0 and all(p.is_file() for p in m.shard_paths())
     again = json.loads(manifest_path(shapes_root, "val7").read_text())
     assert m.to_json() == again
+    assert m.sha256 == sha256_file(manifest_path(shapes_root, "val7")) and "sha256" not in m.to_json()
 
 
 def copy_split(shapes_root, tmp_path, change) -> str:

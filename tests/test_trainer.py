@@ -229,6 +229,20 @@ def _state():
     return TrainState()
 
 
+def test_a_checkpoints_last_evaluation_is_the_runs_latest_at_or_before_its_step(tmp_path):
+    from segdist.train.state import last_evaluation, metrics_folder
+
+    assert last_evaluation(tmp_path, 10) is None
+    for step in (2, 4, 8):
+        metrics_folder(tmp_path, step).mkdir(parents=True)
+        (metrics_folder(tmp_path, step) / "metrics.json").write_text(json.dumps({"miou": step / 10}))
+    (tmp_path / "metrics" / "final.json").write_text("{}")  # launch/eval.py --out files may lie there too
+    assert last_evaluation(tmp_path, 4) == (4, {"miou": 0.4})
+    assert last_evaluation(tmp_path, 7) == (4, {"miou": 0.4}) and last_evaluation(tmp_path, 1) is None
+    (metrics_folder(tmp_path, 8) / "metrics.json").write_text("{")
+    assert last_evaluation(tmp_path, 9) is None  # the latest does not read: no older one stands in for it
+
+
 @pytest.mark.parametrize("implementation", ["fused", "for-loop"])
 def test_fp16_overflow_is_the_scalers_skip_not_a_bad_step(implementation):
     from segdist.train.step import train_step

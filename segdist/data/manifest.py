@@ -66,6 +66,8 @@ class Manifest:
     """How often a remote read that broke off is retried (data.fetch_retries); not part of the JSON."""
     fetch_timeout: float = 60.0
     """Seconds a remote read may bring no bytes before it counts as broken (data.fetch_timeout); not part of the JSON."""
+    sha256: str | None = None
+    """The sha256 of the manifest file as it was read (what names this exact split); not part of the JSON."""
 
     @property
     def num_classes(self) -> int:
@@ -217,6 +219,7 @@ def load_manifest(root: str | Path, split: str, check_files: bool = True, *,
             cache_dir=None if cache_dir is None else str(cache_dir),
             fetch_retries=retries,
             fetch_timeout=timeout,
+            sha256=hashlib.sha256(text).hexdigest(),
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"manifest {path} is corrupt ({exc}): re-run the conversion") from None

@@ -3,7 +3,9 @@ keeps its evaluations."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,3 +91,18 @@ class TrainState:
 def metrics_folder(run_dir: Path, step: int) -> Path:
     """Where the evaluation at `step` leaves its report (segdist.report.write_report)."""
     return Path(run_dir) / "metrics" / f"step-{step}"
+
+
+def last_evaluation(run_dir: Path, step: int) -> tuple[int, dict] | None:
+    """(M, metrics) of the run's latest evaluation at or before `step` (its
+    `metrics/step-M/metrics.json`, written atomically): what a checkpoint saved at `step` was last
+    measured by. None when the run kept none there, or that one does not read."""
+    steps = [int(m.group(1)) for folder in (Path(run_dir) / "metrics").glob("step-*")
+             if (m := re.fullmatch(r"step-(\d+)", folder.name)) and int(m.group(1)) <= step
+             and (folder / "metrics.json").is_file()]
+    if not steps:
+        return None
+    try:
+        return max(steps), json.loads((metrics_folder(run_dir, max(steps)) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None

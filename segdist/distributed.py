@@ -44,8 +44,17 @@ class DistContext:
 
 def launch_context() -> DistContext:
     """What the launcher (accelerate launch, torchrun, SLURM through them) says, before any
-    process group exists: the only reader of RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE."""
+    process group exists: the only reader of RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE.
+
+    A launcher that forms the group itself and sets no RANK (Accelerate's `debug_launcher` forks
+    its processes and joins them into a gloo group through a file, with only WORLD_SIZE set) is
+    read from that group: its processes all run on this node."""
     env = os.environ
+    if "RANK" not in env and _group_alive():
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return DistContext(rank=rank, world=world, local_rank=rank, local_world=world)
     world = int(env.get("WORLD_SIZE", "1"))
     return DistContext(rank=int(env.get("RANK", "0")), world=world, local_rank=int(env.get("LOCAL_RANK", "0")),
                        local_world=int(env.get("LOCAL_WORLD_SIZE", str(world))))
@@ -65,7 +74,12 @@ def make_accelerator(precision, grad_accum: int = 1):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    set_threads()
+    if "RANK" not in os.environ and _group_alive():
+        # A group formed by the launcher (launch_context): Accelerate reads the rank from the
+        # environment for a CPU group and, finding none, would make every process rank 0 of a node
+        # of one (its thread count follows from that); so the environment says what the group says.
+        ctx = launch_context()
+        os.environ.update(RANK=str(ctx.rank), LOCAL_RANK=str(ctx.local_rank), LOCAL_WORLD_SIZE=str(ctx.local_world))
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision.accelerate,
@@ -76,6 +90,7 @@ def make_accelerator(precision, grad_accum: int = 1):
             InitProcessGroupKwargs(timeout=timedelta(minutes=10)),
         ],
     )
+    set_threads()  # after: Accelerate sets its own count for a CPU group when OMP_NUM_THREADS is unset
     global _gloo_formed
     _gloo_formed = _gloo_formed or _gloo_alive()
     expected = launch_context().world
@@ -120,10 +135,29 @@ _gloo_formed = False
 """A gloo group was formed in this process (make_accelerator), alive or destroyed since."""
 
 
+def _group_alive() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _gloo_alive() -> bool:
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+    return _group_alive() and dist.get_backend() == "gloo"
+
+
+def forget_accelerator() -> None:
+    """Clear Accelerate's state, which it keeps for the whole interpreter, once a run is over: the
+    next run in this interpreter (the Python API called again, in a notebook say) then makes its
+    own Accelerator. Otherwise a second run with another precision fails ("AcceleratorState has
+    already been initialized and cannot be changed"), and a fork-based launcher's processes would
+    inherit the first run's one-process state. The process group, if any, is left as it is."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate's own tests clear it the same way; it has no public call for this.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def release_gloo_group() -> bool:

@@ -1,5 +1,9 @@
-"""Exact distributed evaluation: `evaluate` (the metrics of a model on a split, for the trainer,
-`segdist-eval` and the benches) and `predict_sample` (one frame as evaluation predicts it).
+"""Exact distributed evaluation: `evaluate` (the metrics of a model on a split: for the trainer,
+the benches and `evaluate_checkpoint`), `evaluate_checkpoint` (a checkpoint's metrics on a split,
+printed and written: what `launch/eval.py` runs) and `predict_sample` (one frame as evaluation
+predicts it).
+Calling this module calls `evaluate_checkpoint`: `segdist.evaluate(recipe, checkpoint=...)`
+(segdist.api).
 
 Each rank reads a disjoint part of the split (segdist.data.stream.EvalStream), runs the unwrapped
 model (no DDP collectives in the loop), and counts an int64 confusion matrix at the label's own
@@ -21,9 +25,15 @@ alone: docs/evaluation.md and BENCHMARKS.md.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
 import numpy as np
 import torch
 
+from segdist.api import make_callable
 from segdist.data.manifest import Manifest
 from segdist.data.sample import pad_image, padded_size
 from segdist.data.stream import EvalStream, eval_loader
@@ -32,6 +42,11 @@ from segdist.metrics import ConfusionMatrix, metrics_from_confusion
 from segdist.inference import InferenceMode, labels
 from segdist.preprocess import to_input
 from segdist.report import image_iou
+
+if TYPE_CHECKING:
+    from segdist.recipe import Recipe
+
+log = logging.getLogger("segdist")
 
 
 @torch.no_grad()
@@ -123,3 +138,90 @@ def _gather_dicts(part: dict, accelerator) -> dict:
     parts: list = [None] * accelerator.num_processes
     dist.all_gather_object(parts, part)
     return dict(sorted((k, v) for p in parts for k, v in p.items()))
+
+
+def evaluate_checkpoint(recipe: Recipe | str | os.PathLike, *, checkpoint: str | os.PathLike,
+                        overrides: Sequence[str] | str = (), split: str | None = None,
+                        out: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
+                        show: int = 0) -> dict:
+    """`segdist.evaluate` (segdist.api) and `launch/eval.py`: the metrics of `checkpoint` (a run
+    folder: its best checkpoint, else the latest; or one checkpoints/step-N folder; its EMA weights
+    when it has them, the ones training ranked `best` by) on `split` (default the recipe's
+    data.val_split), on every process of the launch. `recipe` is a TOML path or a loaded Recipe,
+    `overrides` the `--set` strings. `out` and `report` are checked before evaluating; then the main
+    process prints the per-class table, writes the metrics JSON to `out`, the report folder to
+    `report` (segdist.report.write_report) and strips of the `show` worst samples into it.
+    Returns the metrics (what `out` holds; on every process)."""
+    from segdist.data.manifest import load_split
+    from segdist.distributed import forget_accelerator, make_accelerator, setup_logging
+    from segdist.fileio import atomic_write_json, unwritable
+    from segdist.metrics import format_table
+    from segdist.models import load_trained
+    from segdist.precision import resolve_precision
+    from segdist.recipe import resolve_recipe
+    from segdist.report import write_report
+
+    recipe = resolve_recipe(recipe, overrides)
+    if show < 0:
+        raise UserError(f"--show must be a number of samples >= 0, got {show}")
+    if show and report is None:
+        raise UserError("--show N writes its strips into the report folder: give --report DIR too")
+    manifest = load_split(recipe.data, split or recipe.data.val_split, evaluation=True)
+    model, info = load_trained(recipe, checkpoint, manifest)
+    if out is not None and unwritable(Path(out).resolve().parent) is not None:
+        raise UserError(f"--out {out}: its folder does not exist or is not writable")
+    if report is not None and unwritable(Path(report).resolve(), create=True) is not None:
+        raise UserError(f"--report {report}: it is not a folder that can be created and written")
+    accelerator = make_accelerator(resolve_precision(recipe.train.precision))
+    try:
+        setup_logging(accelerator.is_main_process)
+        model.to(accelerator.device)
+        mode = InferenceMode.from_recipe(recipe)
+        log.info("evaluating %s on split %r (%d samples) with %d processes; %s",
+                 info.checkpoint, manifest.split, manifest.num_samples, accelerator.num_processes, mode.describe())
+        metrics = evaluate(model, manifest, accelerator, recipe.eval.batch_size, recipe.eval.num_workers, mode,
+                           per_image=bool(show))
+        metrics["checkpoint"] = str(info.checkpoint)
+        if accelerator.is_main_process:
+            print(format_table(metrics, manifest.classes), flush=True)
+            print(f"mIoU {metrics['miou']:.4f} on {metrics['num_samples']} samples, "
+                  f"{metrics['valid_pixels']} valid pixels ({accelerator.num_processes} processes)", flush=True)
+            if out is not None:
+                atomic_write_json(out, metrics)
+            if report is not None:
+                write_report(report, metrics, manifest.classes)
+                if show:
+                    write_worst(Path(report), model.eval(), manifest, metrics["per_image_iou"], show, accelerator,
+                                mode)
+                print(f"report in {report}", flush=True)
+        accelerator.end_training()
+        return metrics
+    finally:
+        forget_accelerator()  # the next run in this interpreter makes its own
+
+
+def write_worst(folder: Path, model, manifest: Manifest, image_ious: dict, count: int, accelerator,
+                mode: InferenceMode) -> list[Path]:
+    """`worst-<i>-<key>.png` in `folder` for the `count` samples of lowest per-image IoU (ties by
+    key): input | truth | prediction | errors, predicted again as evaluation predicted them."""
+    from segdist.data.sample import decode_sample, read_shard
+    from segdist.report import strip, write_png
+
+    worst = sorted(image_ious, key=lambda k: (image_ious[k], k))[:count]
+    rank = {key: i for i, key in enumerate(worst)}
+    written = []
+    for shard in manifest.sources():
+        for sample in read_shard(shard):
+            if sample["__key__"] not in rank:
+                continue
+            key, image, mask = decode_sample(sample, manifest.num_classes, manifest.ignore_index)
+            pred = predict_sample(model, image, accelerator, mode)
+            name = f"worst-{rank[key] + 1:0{len(str(count))}d}-{key.replace('/', '_')}.png"
+            write_png(folder / name, strip(image, mask, pred, manifest.palette, manifest.ignore_index, errors=True))
+            written.append(folder / name)
+    log.info("the %d worst samples by per-image IoU (%s) drawn in %s", len(worst),
+             ", ".join(f"{k} {image_ious[k]:.3f}" for k in worst[:5]) + (", ..." if len(worst) > 5 else ""), folder)
+    return written
+
+
+make_callable(__name__, evaluate_checkpoint)

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -368,11 +368,32 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
-    for item in overrides or []:
+    return recipe_from_dict(apply_overrides(raw, overrides or [], str(path)), source=str(path))
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike, overrides: Sequence[str] | str = ()) -> Recipe:
+    """The recipe a run of the Python API uses: `recipe` is the path of a TOML recipe (`load_recipe`)
+    or a loaded `Recipe`, `overrides` the `--set` strings applied on top (one string is one override)."""
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides or [])
+    bad = next((o for o in overrides if not isinstance(o, str)), None)
+    if bad is not None:
+        raise UserError(f"overrides must be 'section.key=value' strings (e.g. 'train.steps=100'), got {_describe(bad)}")
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        return recipe_from_dict(apply_overrides(tomllib.loads(dumps_toml(recipe)), overrides, "recipe"))
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe, overrides)
+    raise UserError(f"recipe must be the path of a .toml recipe or a segdist.recipe.Recipe, got {_describe(recipe)}")
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str], source: str) -> dict:
+    """`raw` (a recipe's TOML tables) with each `section.key=value` of `overrides` set, in order."""
+    for item in overrides:
         section, key, value = parse_override(item)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
-            raise UserError(f"recipe {path}: [{section}] must be a table")
+            raise UserError(f"recipe {source}: [{section}] must be a table")
         table, *inner = key.split(".")
         target, where = raw[section], f"{section}.{table}"
         for name in inner:  # a key inside a table-valued key: data.augment_args.scale=[0.5, 2.0]
@@ -382,7 +403,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                                 f"set it whole: --set {where}=...")
             target, table, where = node, name, f"{where}.{name}"
         target[table] = value
-    return recipe_from_dict(raw, source=str(path))
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

@@ -1,5 +1,4 @@
-"""The command lines: console scripts, `launch/*.py` shims, and `-m segdist.cli.<name>`; the checks a
-command makes of its own options before it starts (segdist.cli.eval)."""
+"""The command lines: console scripts, `launch/*.py` shims, and `-m segdist.cli.<name>`."""
 
 import os
 import subprocess
@@ -10,7 +9,6 @@ import pytest
 
 from conftest import ROOT, TINY_RECIPE
 from segdist.distributed import free_port
-from segdist.recipe import load_recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,28 +51,3 @@ def test_accelerate_launch_of_the_module_trains_with_two_processes(shapes_root, 
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stderr and (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
-
-
-# -- segdist-eval's own checks (segdist.cli.eval) ---------------------------------------------------
-
-def test_show_needs_a_report_folder(tiny_recipe, tmp_path):
-    from segdist.cli.eval import evaluate_checkpoint
-    from segdist.errors import UserError
-
-    with pytest.raises(UserError, match="--report DIR"):
-        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), show=3)
-    with pytest.raises(UserError, match="--show must be"):
-        evaluate_checkpoint(load_recipe(tiny_recipe), str(tmp_path / "run"), report_dir=str(tmp_path / "r"), show=-1)
-    assert not (tmp_path / "r").exists()
-
-
-def test_a_report_folder_that_cannot_be_made_is_one_line(trained_run, tmp_path):
-    from segdist.cli.eval import evaluate_checkpoint
-    from segdist.errors import UserError
-
-    recipe, run = trained_run
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    with pytest.raises(UserError, match=r"--report .*file/r: it is not a folder that can be created"):
-        evaluate_checkpoint(load_recipe(recipe), str(run), report_dir=str(blocker / "r"))
-    assert blocker.read_text() == "not a folder"

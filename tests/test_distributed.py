@@ -89,3 +89,45 @@ def test_a_loader_worker_count_is_taken_as_it_is():
 
     assert loader_workers(0, cores=64, local_world=1)[0] == 0
     assert loader_workers(5, cores=2, local_world=2)[0] == 5
+
+
+def report_place(folder: str) -> None:
+    """A debug_launcher process: where it stands before and after its Accelerator is made."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from segdist.distributed import launch_context, make_accelerator
+    from segdist.precision import resolve_precision
+
+    before = launch_context()
+    accelerator = make_accelerator(resolve_precision("fp32"))
+    after = launch_context()
+    Path(folder, f"{dist.get_rank()}.json").write_text(json.dumps({
+        "before": [before.rank, before.world, before.local_rank, before.local_world, before.is_main],
+        "after": [after.rank, after.world, after.local_rank, after.local_world, after.is_main],
+        "accelerator": [accelerator.process_index, accelerator.local_process_index, accelerator.num_processes,
+                        accelerator.distributed_type.value],
+        "threads": torch.get_num_threads()}))
+
+
+@pytest.mark.slow
+def test_processes_in_a_group_their_launcher_formed_know_their_rank(tmp_path, monkeypatch):
+    """Accelerate's debug_launcher forks the processes and joins them into a gloo group itself,
+    setting WORLD_SIZE only: launch_context reads the rest from the group, and the Accelerator is
+    told too (alone it gives every process local rank 0 and a thread count for a node of one)."""
+    import json
+
+    from accelerate import debug_launcher
+
+    from segdist.distributed import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    debug_launcher(report_place, (str(tmp_path),), num_processes=2)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert seen["before"] == seen["after"] == [rank, 2, rank, 2, rank == 0]
+        assert seen["accelerator"] == [rank, rank, 2, "MULTI_CPU"]
+        assert seen["threads"] == max(1, usable_cores() // 2)  # a share of the cores, as under accelerate launch

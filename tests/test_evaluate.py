@@ -191,3 +191,28 @@ def test_a_frame_is_predicted_alike_whatever_it_is_batched_with(tmp_path):
         one = evaluate(model, manifest, accelerator, 1, 0, mode)
         many = evaluate(model, manifest, accelerator, 5, 0, mode)
         assert one["confusion_matrix"] == many["confusion_matrix"] and one["valid_pixels"] == manifest.valid_pixels
+
+
+# -- evaluate_checkpoint's own checks (segdist.evaluate, launch/eval.py) -------------------------------
+
+def test_show_needs_a_report_folder(tiny_recipe, tmp_path):
+    import segdist
+    from segdist.errors import UserError
+
+    with pytest.raises(UserError, match="--report DIR"):
+        segdist.evaluate(tiny_recipe, checkpoint=tmp_path / "run", show=3)
+    with pytest.raises(UserError, match="--show must be"):
+        segdist.evaluate(tiny_recipe, checkpoint=tmp_path / "run", report=tmp_path / "r", show=-1)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_report_folder_that_cannot_be_made_is_one_line(trained_run, tmp_path):
+    import segdist
+    from segdist.errors import UserError
+
+    recipe, run = trained_run
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"--report .*file/r: it is not a folder that can be created"):
+        segdist.evaluate(recipe, checkpoint=run, report=blocker / "r")
+    assert blocker.read_text() == "not a folder"

@@ -29,7 +29,8 @@ from segdist.errors import UserError
 from segdist.hfexport import MODELING_FILE, export_hf, load_folder, modeling_source, write_own
 from segdist.modelcard import FOLDER_LINE
 from segdist.models.build import build_model
-from segdist.predict import forward_scores, load_predictor, read_image
+from segdist.predict import load_predictor, read_image
+from segdist.predict.frame import forward_scores
 from segdist.recipe import ModelConfig, load_recipe
 
 OWN = {

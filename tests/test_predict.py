@@ -1,4 +1,4 @@
-"""segdist.predict and the predict command (launch/predict.py, segdist.cli.predict) on real
+"""segdist.predict (one frame, and `segdist.predict(...)`, the files of launch/predict.py) on real
 checkpoints of short real trainings: conftest's 4-class smp model (`trained_run`) and a binary
 own-UNet with EMA weights trained here on a 2-class shapes split. Every probability is compared
 with a forward pass this test computes itself (its own padding and ImageNet normalisation), on a
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import segdist
 from conftest import launch
 from segdist.checkpoint import resolve_checkpoint
 from segdist.data.shapes import PALETTE
 from segdist.errors import UserError
-from segdist.cli.predict import predict_files
 from segdist.predict import load_predictor, predict_probabilities
 from segdist.models import build_model
 from segdist.recipe import load_recipe
@@ -243,14 +243,13 @@ def test_multiclass_predict_two_processes_each_file_once(trained_run, images, tm
         blend = (rgb.astype(np.uint16) + color + 1) // 2
         np.testing.assert_array_equal(read_png(out / f"{key}_overlay.png"), blend.astype(np.uint8))
     with pytest.raises(UserError, match="--threshold is for binary"):
-        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), threshold=0.3)
+        segdist.predict(recipe, images["rgb"], checkpoint=run, out=tmp_path / "t", threshold=0.3)
     with pytest.raises(UserError, match="'probs' is not a format"):
-        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), formats=["probs"])
+        segdist.predict(recipe, images["rgb"], checkpoint=run, out=tmp_path / "t", formats=["probs"])
     with pytest.raises(UserError, match="cannot share its folder"):
-        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"),
-                      formats=["cityscapes,labels"])
+        segdist.predict(recipe, images["rgb"], checkpoint=run, out=tmp_path / "t", formats="cityscapes,labels")
     with pytest.raises(UserError, match="Cityscapes' 19 train classes"):
-        predict_files(load_recipe(recipe), str(run), [str(images["rgb"])], str(tmp_path / "t"), formats=["cityscapes"])
+        segdist.predict(recipe, images["rgb"], checkpoint=run, out=tmp_path / "t", formats=["cityscapes"])
     assert not (tmp_path / "t").exists()
 
 
@@ -285,10 +284,10 @@ def test_bad_inputs_fail_before_anything_is_written(binary_run, images, tmp_path
     ]
     for inputs, culprit in cases:
         with pytest.raises(UserError, match=culprit):
-            predict_files(load_recipe(recipe), str(run), inputs, str(out))
+            segdist.predict(recipe, inputs, checkpoint=run, out=out)
         assert not out.exists()
     with pytest.raises(UserError, match="overwrite the input"):
-        predict_files(load_recipe(recipe), str(run), [str(images["gray"])], str(images["gray"].parent))
+        segdist.predict(recipe, [images["gray"]], checkpoint=run, out=images["gray"].parent)
     assert sorted(p.name for p in images["gray"].parent.iterdir()) == ["gray.png", "rgb.png"]
 
 
@@ -393,7 +392,7 @@ def test_predicted_labels_are_evaluations_pixel_for_pixel(trained_run, tmp_path)
     inputs.mkdir()
     for key, image in frames.items():
         Image.fromarray(image).save(inputs / f"{key}.png")
-    predict_files(recipe, str(run), [str(inputs)], str(tmp_path / "out"), formats=["labels"])
+    segdist.predict(recipe, inputs, checkpoint=run, out=tmp_path / "out", formats=["labels"])
 
     predictor = load_predictor(recipe, run)
     accelerator, mode = Accelerator(cpu=True), InferenceMode.from_recipe(recipe)

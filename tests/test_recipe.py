@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ROOT
 from segdist.errors import UserError
-from segdist.recipe import Recipe, dumps_toml, load_recipe, parse_override
+from segdist.recipe import Recipe, dumps_toml, load_recipe, parse_override, resolve_recipe
 
 
 def write(tmp_path, text):
@@ -84,6 +84,21 @@ def test_round_trip(tmp_path):
     r = load_recipe(ROOT / "recipes" / "shapes_unet.toml", ["model.encoder_weights=imagenet"])
     again = load_recipe(write(tmp_path, dumps_toml(r)))
     assert again == r
+
+
+def test_the_python_api_takes_a_path_or_a_recipe_with_overrides_on_top():
+    base = ROOT / "recipes" / "cityscapes_deeplabv3plus_r50.toml"
+    sets = ["train.steps=7", "data.augment_args.scale=[0.75, 1.5]"]
+    loaded = load_recipe(base)
+    assert resolve_recipe(loaded) is loaded and resolve_recipe(str(base)) == loaded
+    assert resolve_recipe(loaded, sets) == resolve_recipe(base, sets) == load_recipe(base, sets) != loaded
+    assert resolve_recipe(loaded, "train.steps=7") == load_recipe(base, ["train.steps=7"])  # one string, one override
+    with pytest.raises(UserError, match="unknown key train.stepz"):
+        resolve_recipe(loaded, ["train.stepz=7"])
+    with pytest.raises(UserError, match=r"overrides must be 'section.key=value' strings .*got tuple \('train', 7\)"):
+        resolve_recipe(base, [("train", 7)])
+    with pytest.raises(UserError, match="recipe must be the path of a .toml recipe or a segdist.recipe.Recipe, got int 3"):
+        resolve_recipe(3)
 
 
 @pytest.mark.parametrize(

@@ -314,18 +314,6 @@ def test_precision_auto_is_recorded_and_a_resume_is_bit_identical(shapes_root, t
     assert "run/precision/text_summary" in acc.Tags()["tensors"]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """torch on one thread, as in the launched runs (OMP_NUM_THREADS=1, which the trainer keeps): in
-    process, with two threads on this 2-core machine and a load of about 3 from other processes,
-    the test below took 8.3, 12.5 and 19.0 s against 6.2, 7.0 and 5.3 s (runs alternated)."""
-    before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_recipe, tmp_path, caplog, one_thread):
     from segdist.train import train
@@ -356,6 +344,6 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_recipe, tmp_
     # A resume continues from the run's own checkpoint; the source is not needed any more.
     shutil.rmtree(source)
     caplog.clear()
-    train(load_recipe(tiny_recipe, [*new, "train.steps=4"]), resume="must")
+    train(load_recipe(tiny_recipe, [*new, "train.steps=4"]), resume=True)
     assert "at step 3" in caplog.text and "train.init_from" in caplog.text and "not used" in caplog.text
     assert json.loads((latest_checkpoint(run) / "state.json").read_text())["step"] == 4

@@ -1,6 +1,6 @@
-"""The command lines: each module parses its arguments and runs its command with the library's
-functions; what only the command needs lives here with it (eval: the report folder and the worst
-samples; predict: the inputs, the output formats and the files each rank writes). They run
+"""The command lines: each module parses its arguments and calls one function of the library
+(train, eval and predict call the Python API, `segdist.train`, `segdist.evaluate` and
+`segdist.predict`: segdist.api), so a command and its Python call run the same code. They run
 as console scripts (`segdist-train`, `segdist-eval`, `segdist-predict`, `segdist-shard`,
 `segdist-bench`), as `launch/<name>.py` (the same, through a shim), or as modules
 (`accelerate launch -m segdist.cli.train RECIPE`). User errors become one stderr line and exit

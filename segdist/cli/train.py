@@ -1,7 +1,8 @@
 """Train a recipe:  accelerate launch [--multi_gpu --num_processes N] launch/train.py RECIPE [--set k=v ...] [--resume [auto]]
 
-One process per GPU under `accelerate launch` or `torchrun`; on a CPU-only machine the same
-command forms a gloo group of N CPU processes. `python launch/train.py RECIPE` runs one process.
+The command is `segdist.train` (segdist.train.run.train). One process per GPU under
+`accelerate launch` or `torchrun`; on a CPU-only machine the same command forms a gloo group of N
+CPU processes. `python launch/train.py RECIPE` runs one process.
 SIGTERM or SIGUSR1 stop it after the current step with a checkpoint (exit 0); slurm/*.sbatch use
 `--resume auto` so that a requeued job continues where it stopped.
 """
@@ -35,16 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from segdist.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_run_dir:
-        print(os.path.abspath(recipe.train.run_dir))
-        return 0
-    from segdist.train import train
+        from segdist.recipe import load_recipe
 
-    train(recipe, resume=args.resume)
+        print(os.path.abspath(load_recipe(args.recipe, args.overrides).train.run_dir))
+        return 0
+    import segdist
+
+    segdist.train(args.recipe, args.overrides, resume=RESUME[args.resume])
     return 0
+
+
+RESUME = {"no": False, "must": True, "auto": "auto"}
+"""--resume as the command line says it -> as segdist.train takes it."""
 
 
 def run() -> None:

@@ -1,5 +1,6 @@
-"""`train(recipe, resume)`, what `launch/train.py` calls: the run's setup (segdist.train.setup), then
-the loop (segdist.train.trainer.Trainer, whose step is segdist.train.step.train_step).
+"""`train(recipe, overrides, resume)`: `segdist.train` in Python (segdist.api) and what
+`launch/train.py` calls. The run's setup (segdist.train.setup), then the loop
+(segdist.train.trainer.Trainer, whose step is segdist.train.step.train_step).
 
 Every rank takes exactly `steps x grad_accum` micro-batches from an endless stream, so the ranks
 stay in lockstep and DDP never pairs gradients of different steps (docs/design-notes.md: a stream
@@ -17,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from segdist.checkpoint import latest_checkpoint
-from segdist.distributed import StopSignal, local_world_size, make_accelerator, setup_logging, unused_devices_warning
-from segdist.errors import mark_per_rank, user_error_of
+from segdist.distributed import (StopSignal, forget_accelerator, local_world_size, make_accelerator, setup_logging,
+                                 unused_devices_warning)
+from segdist.errors import UserError, mark_per_rank, user_error_of
 from segdist.models import build_model
 from segdist.precision import Precision
-from segdist.recipe import Recipe
+from segdist.recipe import Recipe, resolve_recipe
 from segdist.telemetry import StepMeter, flops_per_sample, peak_tflops
 from segdist.train.setup import Setup, build_parts, check_run
 from segdist.train.state import metrics_folder
@@ -36,10 +40,21 @@ from segdist.train.trainer import Trainer
 log = logging.getLogger("segdist")
 
 
-def train(recipe: Recipe, resume: str = "no") -> dict | None:
-    """Train `recipe` (resume: "no", "must" or "auto", see check_run). Returns the final val
-    metrics, or None when a stop signal ended the run early (after a checkpoint)."""
-    setup = check_run(recipe, resume)
+RESUME = {False: "no", True: "must", "auto": "auto"}
+"""`resume` as the Python API takes it -> as check_run takes it."""
+
+
+def train(recipe: Recipe | str | os.PathLike, overrides: Sequence[str] | str = (),
+          resume: bool | str = False) -> dict | None:
+    """Train `recipe` (a TOML path or a loaded Recipe) with `overrides` (`--set` strings) applied.
+    `resume`: False starts a new run (refused where train.run_dir holds checkpoints), True
+    continues the latest complete checkpoint there (an error without one), "auto" continues if there
+    is one, else starts. Returns the final val metrics (what metrics/step-N/metrics.json holds),
+    or None when a stop signal ended the run early (after a checkpoint). This is `segdist.train`."""
+    mode = RESUME.get(resume) if isinstance(resume, (bool, str)) else None
+    if mode is None:
+        raise UserError(f"resume must be False, True or \"auto\", got {resume!r}")
+    setup = check_run(resolve_recipe(recipe, overrides), mode)
     recipe = setup.recipe  # train.grad_accum resolved against the world size
     if setup.finished:
         return report_finished(setup)
@@ -60,6 +75,7 @@ def train(recipe: Recipe, resume: str = "no") -> dict | None:
         raise
     finally:
         stop.restore()
+        forget_accelerator()  # the next run in this interpreter makes its own
 
 
 def make_meter(r: Recipe, setup: Setup, accelerator, precision: Precision) -> StepMeter:

@@ -1,6 +1,6 @@
-"""Prediction from Python: a trained model, loaded once (`load_predictor`), on one image at a time
-(`predict_frame`: its label map and probabilities; `predict_probabilities`). The `segdist-predict`
-command (segdist.cli.predict) writes its files with these functions.
+"""One image at a time: a trained model, loaded once (`load_predictor`), on one image
+(`predict_frame`: its label map and probabilities; `predict_probabilities`). segdist.predict.files
+(`segdist.predict`, the `segdist-predict` command) writes its files with these functions.
 
 An image is read like the converters read sources (segdist.data.convert.imageio): grayscale,
 palette, RGBA, CMYK and 16-bit files become 8-bit RGB, as the birds assignment's grayscale images needed.

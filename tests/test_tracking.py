@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, Running, free_port, launch
-from segdist.recipe import TRACKERS, Recipe, recipe_from_dict
+from conftest import Running, free_port, launch
+from segdist.recipe import TRACKERS, recipe_from_dict
 from segdist.tracking import IDS_FILE, Tracking, mlflow_key
 
 MLFLOW = ["--set", 'log.trackers=["tensorboard", "mlflow"]']

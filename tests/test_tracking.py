@@ -243,35 +243,48 @@ def test_wandb_offline_gets_what_tensorboard_gets_and_a_resume_continues_its_run
     assert history[3]["train/loss"] == 0.125 and config == {}
 
 
-def wandb_history(run: Path) -> tuple[dict[int, dict], dict]:
-    """({step: logged values}, config) of an offline W&B run, from its run-<id>.wandb file: W&B's own
-    Record messages in LevelDB's log framing (32 KiB blocks of [crc32c, length, type] chunks) after
-    a 7-byte ":W&B" header."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    [path] = run.glob("run-*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
+def wandb_history(run: Path, timeout: float = 60) -> tuple[dict[int, dict], dict]:
+    """({step: logged values}, config) of an offline W&B run, from its run-<id>.wandb file, once it
+    holds the run's exit record (wandb's service process may still be writing it when finish returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(next(run.glob("run-*.wandb")))
+        if records and records[-1].HasField("exit") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     history: dict[int, dict] = {}
     config: dict = {}
-    pos, block, chunk = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind not in (1, 4):  # FULL or LAST ends a record
-            continue
-        record = pb.Record.FromString(chunk)
-        chunk = b""
+    for record in records:
         if record.HasField("history"):
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             history[items["_step"]] = _nest(items)
         elif record.HasField("config"):
             config.update({i.key: json.loads(i.value_json) for i in record.config.update if i.key != "_wandb"})
     return history, config
+
+
+def wandb_records(path: Path) -> list:
+    """W&B's own Record messages in a .wandb file: LevelDB's log framing (32 KiB blocks of [crc32c,
+    length, type] chunks) after a 7-byte ":W&B" header; a record cut short at the end is left out."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records = []
+    pos, block, chunk = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST ends a record
+            records.append(pb.Record.FromString(chunk))
+            chunk = b""
+    return records
 
 
 def _nest(items: dict) -> dict:

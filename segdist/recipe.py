@@ -319,19 +319,37 @@ class EvalConfig:
             raise UserError(f"eval.scales must be positive numbers, e.g. [0.75, 1.0, 1.25]; got {self.scales}")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+"""log.trackers names: segdist's TensorBoard writer and Accelerate's other trackers (segdist.tracking)."""
+
+
 @dataclass
 class LogConfig:
     every: int = 10
     """Log train loss, LR and throughput every N optimizer steps."""
     images: int = 4
-    """Fixed validation samples drawn to TensorBoard (input | truth | prediction) at each eval."""
+    """Fixed validation samples drawn at each eval (input | truth | prediction), to the trackers that take images."""
     peak_tflops: float = 0.0
     """The GPU's peak dense TFLOP/s at the run's precision for model FLOPs utilisation (0 = from segdist.telemetry's table)."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the run logs, on the main process (docs/trackers.md): any of "tensorboard", "wandb", "mlflow",
+    "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"; each but tensorboard needs its extra
+    (pip install 'segdist[mlflow]') and is set up by its own environment variables."""
+    project: str = "segdist"
+    """The project (W&B, Comet, ...) or experiment (MLflow) the trackers log the run under; the run is
+    named after train.run_dir's last folder."""
 
     def __post_init__(self) -> None:
         _positive("log.every", self.every)
         _non_negative("log.images", self.images)
         _non_negative("log.peak_tflops", self.peak_tflops)
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise UserError(f"log.trackers: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+            if self.trackers.count(name) > 1:
+                raise UserError(f"log.trackers lists {name!r} twice: name each tracker once")
+        if not self.project.strip():
+            raise UserError('log.project is empty: name the project the trackers log under, e.g. "segdist"')
 
 
 @dataclass

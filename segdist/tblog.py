@@ -1,5 +1,6 @@
-"""TensorBoard on the main process: scalars, text, figures and input | truth | prediction strips
-(drawn by segdist.report)."""
+"""TensorBoard on the main process: scalars, text, images (input | truth | prediction strips and
+figures, drawn by segdist.report) and the recipe as hyperparameters. The trainer reaches it through
+segdist.tracking, which sends the same calls to the run's other trackers."""
 
 from __future__ import annotations
 
@@ -28,18 +29,19 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def strip(self, tag: str, image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-              palette: list[list[int]], ignore_index: int, step: int) -> None:
-        """input | truth | prediction, each panel at least report.MIN_PANEL pixels high."""
-        if self.writer is not None:
-            from segdist.report import strip
-
-            self.image(tag, strip(image, truth, pred, palette, ignore_index), step)
-
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """An HxWx3 uint8 image (a strip or a figure from segdist.report)."""
         if self.writer is not None:
             self.writer.add_image(tag, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), step)
+
+    def hparams(self, values: dict, metrics: tuple[str, ...]) -> None:
+        """`values` (str, int, float or bool) as the HPARAMS dashboard reads them, against the scalar
+        tags `metrics` of this same run (no separate run folder, unlike SummaryWriter.add_hparams)."""
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
+
+            for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+                self.writer.file_writer.add_summary(summary)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RECIPE
+from conftest import ROOT, TINY_RECIPE, free_port
 from conftest import shard as write_shapes
 from segdist.data.manifest import sha256_file
 from segdist.data.sample import shard_members
@@ -47,6 +47,8 @@ class Case:
     """An existing folder whose files must be exactly as before."""
     mid_run: bool = False
     """Found while training (in the data as it is read): log lines may precede the error line."""
+    env: dict = field(default_factory=dict)
+    """Environment variables for this case's process."""
 
 
 @dataclass
@@ -725,6 +727,38 @@ def manifest_without_member_offsets(c: Ctx) -> Case:
     return Case(train(c.recipe(root=root)), ("train.json", "launch/shard.py index"), absent=(c.run,))
 
 
+# -- trackers --------------------------------------------------------------------------------------
+
+TRACKERS = 'log.trackers=["tensorboard", "{}"]'
+
+
+@case
+def unknown_tracker(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", TRACKERS.format("mlfow")),
+                ("log.trackers", "'mlfow'", "known: tensorboard, wandb, mlflow"), absent=(c.run,))
+
+
+@case
+def tracker_not_installed(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", TRACKERS.format("aim")), ("log.trackers", "aim", "pip install 'segdist[aim]'"),
+                absent=(c.run,))
+
+
+@case
+def mlflow_server_unreachable(c: Ctx) -> Case:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    return Case(train(c.recipe(), "--set", TRACKERS.format("mlflow")),
+                ("log.trackers: mlflow", url, "MLFLOW_TRACKING_URI", "refused"), absent=(c.run,),
+                env={"MLFLOW_TRACKING_URI": url})
+
+
+@case
+def wandb_server_unreachable(c: Ctx) -> Case:
+    url = f"http://127.0.0.1:{free_port()}"
+    return Case(train(c.recipe(), "--set", TRACKERS.format("wandb")), ("log.trackers: wandb", url, "WANDB_BASE_URL"),
+                absent=(c.run,), env={"WANDB_BASE_URL": url, "WANDB_MODE": "online"})
+
+
 # -- running them ----------------------------------------------------------------------------------
 
 @dataclass
@@ -755,7 +789,7 @@ def outcomes(request, shapes_root, trained_run, tmp_path_factory) -> dict[str, O
         before = _files(c.unchanged)
         proc = subprocess.Popen([sys.executable, *c.args], cwd=c.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **c.env})
         try:
             _, stderr = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:

@@ -54,6 +54,10 @@ def test_int_accepted_for_float(tmp_path):
         ("[data]\nnum_workers = -1\n", 'data.num_workers must be an integer >= 0 or "auto"'),
         ("[train]\ninit_from = 5\n", "train.init_from must be a string (in quotes), got int 5"),
         ("[train]\ninit_from = \"\"\n", "train.init_from is empty"),
+        ("[log]\ntrackers = [\"tensorboard\", \"mlfow\"]\n", "log.trackers: unknown tracker 'mlfow'; known: tensorboard, wandb"),
+        ("[log]\ntrackers = \"mlflow\"\n", "log.trackers must be a list"),
+        ("[log]\ntrackers = [\"mlflow\", \"mlflow\"]\n", "log.trackers lists 'mlflow' twice"),
+        ("[log]\nproject = \" \"\n", "log.project is empty"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, needle):

@@ -33,6 +33,7 @@ from segdist.models.ema import ModelEMA
 from segdist.optim import build_optimizer, build_scheduler
 from segdist.precision import Precision, resolve_precision
 from segdist.recipe import Recipe, parse_null
+from segdist.tracking import check_trackers
 from segdist.train.state import TrainState
 
 if sys.version_info >= (3, 11):
@@ -99,6 +100,7 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     draws = training_draws(train_m, recipe.data)
     for manifest in (train_m, val_m):
         check_reachable(manifest)
+    check_trackers(recipe.log, dist.is_main)  # packages and servers of log.trackers, on the process that logs
     run_dir = Path(recipe.train.run_dir)
     check_writable(run_dir, "train.run_dir", create=True)
     latest = latest_checkpoint(run_dir)

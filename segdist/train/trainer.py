@@ -33,8 +33,8 @@ from segdist.fileio import atomic_write_text
 from segdist.inference import InferenceMode
 from segdist.metrics import format_table
 from segdist.recipe import Recipe, dumps_toml
-from segdist.tblog import TensorBoard
 from segdist.telemetry import StepMeter
+from segdist.tracking import Tracking
 from segdist.train.setup import Parts, Setup
 from segdist.train.state import TrainState, metrics_folder
 from segdist.train.step import StepOutcome, train_step
@@ -81,10 +81,10 @@ class Trainer:
         self.inference = InferenceMode.from_recipe(r)
         self.run_dir = Path(r.train.run_dir)
         self.recipe_toml = dumps_toml(r)
+        # First: a tracker that does not start is one line on every rank, before the run folder is made.
+        self.tracking = Tracking.open(r, accelerator, self.state.step, resumed=setup.resume_from is not None)
         if accelerator.is_main_process:
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe_toml)
-        step = self.state.step
-        self.tb = TensorBoard(self.run_dir, accelerator.is_main_process, purge_step=step + 1 if step else None)
         self._log_start()
         self.shown = fixed_samples(setup.val_manifest, r.log.images) if accelerator.is_main_process else []
         self.batches = self._start_data()  # last: see the module's docstring
@@ -125,7 +125,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-            self.tb.close()
+            self.tracking.close()
         return self._finish(metrics)
 
     def step(self, window: list, counts: list[float] | None, last: bool) -> StepOutcome:
@@ -147,10 +147,10 @@ class Trainer:
         manifest = self.setup.val_manifest
         metrics = evaluate(model, manifest, self.accelerator, self.r.eval.batch_size, self.r.eval.num_workers,
                            self.inference)
-        log_eval(self.tb, metrics, manifest, step)
-        draw_samples(self.tb, model, self.shown, manifest, self.accelerator, step, self.inference)
+        log_eval(self.tracking, metrics, manifest, step)
+        draw_samples(self.tracking, model, self.shown, manifest, self.accelerator, step, self.inference)
         if self.accelerator.is_main_process:
-            report_eval(self.tb, metrics_folder(self.run_dir, step), metrics, manifest.classes, step)
+            report_eval(self.tracking, metrics_folder(self.run_dir, step), metrics, manifest.classes, step)
         return metrics
 
     def checkpoint(self, step: int, metrics: dict | None, force: bool = False) -> None:
@@ -229,7 +229,7 @@ class Trainer:
                  "" if self.num_workers == 1 else "s", self.num_workers_reason)
         if precision.warning and accelerator.is_main_process:
             log.warning("%s", precision.warning)
-        self.tb.text("run/precision", f"{precision.name}: {precision.reason}", self.state.step)
+        self.tracking.text("run/precision", f"{precision.name}: {precision.reason}", self.state.step)
         if self.setup.draws is not None:
             manifest, data = self.setup.train_manifest, r.data
             p_class = class_probabilities(manifest.class_pixels, data.rare_class_temperature)
@@ -238,22 +238,23 @@ class Trainer:
                      data.rare_class_temperature, data.rare_class_min_pixels, top)
 
     def log_train(self, bar, losses: list) -> None:
-        tb, state, accelerator, r, scaler = self.tb, self.state, self.accelerator, self.r, self.scaler
+        tracking, state, accelerator, r, scaler = self.tracking, self.state, self.accelerator, self.r, self.scaler
         perf = self.meter.summary()
         step, lr = state.step, self.scheduler.get_last_lr()[0]
         # The same on every rank (the bad flag is agreed), so this small all-reduce is matched on
         # every rank; the only collective and host sync besides the step's own, and only at log steps.
         mean_loss = accelerator.reduce(torch.stack(losses).mean().detach(), reduction="mean").item() if losses else None
         if mean_loss is not None:
-            tb.scalar("train/loss", mean_loss, step)
+            tracking.scalar("train/loss", mean_loss, step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ms=f"{perf['step_time_ms']:.0f}")
-        tb.scalar("train/lr", lr, step)
-        tb.scalar("train/bad_steps", state.bad_steps, step)
+        tracking.scalar("train/lr", lr, step)
+        tracking.scalar("train/bad_steps", state.bad_steps, step)
         if scaler is not None:
-            tb.scalar("train/overflow_steps", state.overflow_steps, step)
-            tb.scalar("train/loss_scale", scaler.get_scale(), step)
+            tracking.scalar("train/overflow_steps", state.overflow_steps, step)
+            tracking.scalar("train/loss_scale", scaler.get_scale(), step)
         for key, value in perf.items():
-            tb.scalar(f"perf/{key}", value, step)
+            tracking.scalar(f"perf/{key}", value, step)
+        tracking.flush()  # this step's scalars to the trackers now, not at the next log step
         if bar.disable:
             mfu = f", MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
             log.info("step %d/%d: loss %s, lr %.2e, %.0f ms/step, data wait %.0f%%, %.1f samples/s, %.2f Mpx/s, "
@@ -298,28 +299,28 @@ def fixed_samples(manifest: Manifest, count: int) -> list:
     return out
 
 
-def report_eval(tb: TensorBoard, folder: Path, metrics: dict, classes: list[str], step: int) -> None:
-    """The main process's report of an evaluation: its folder (segdist.report) and TensorBoard's
-    confusion figure, per-class IoU chart and per-class table."""
+def report_eval(tracking: Tracking, folder: Path, metrics: dict, classes: list[str], step: int) -> None:
+    """The main process's report of an evaluation: its folder (segdist.report) and, to the trackers,
+    the confusion figure, per-class IoU chart and per-class table."""
     confusion = report.confusion_figure(metrics["confusion_matrix"], classes)
     report.write_report(folder, metrics, classes, confusion)
-    tb.image("val/confusion", confusion, step)
-    tb.image("val/per_class_iou", report.iou_bar_chart(metrics, classes), step)
-    tb.text("val/per_class", report.per_class_markdown(metrics, classes), step)
-    tb.flush()
+    tracking.image("val/confusion", confusion, step)
+    tracking.image("val/per_class_iou", report.iou_bar_chart(metrics, classes), step)
+    tracking.text("val/per_class", report.per_class_markdown(metrics, classes), step)
+    tracking.flush()
 
 
-def log_eval(tb: TensorBoard, metrics: dict, manifest: Manifest, step: int) -> None:
-    tb.scalar("val/mIoU", metrics["miou"], step)
-    tb.scalar("val/pixel_accuracy", metrics["pixel_accuracy"], step)
+def log_eval(tracking: Tracking, metrics: dict, manifest: Manifest, step: int) -> None:
+    tracking.scalar("val/mIoU", metrics["miou"], step)
+    tracking.scalar("val/pixel_accuracy", metrics["pixel_accuracy"], step)
     for name, iou in zip(manifest.classes, metrics["per_class_iou"]):
-        tb.scalar(f"val/IoU/{name}", iou, step)
-    tb.flush()
+        tracking.scalar(f"val/IoU/{name}", iou, step)
+    tracking.flush()
     log.info("step %d: val mIoU %.4f", step, metrics["miou"])
 
 
 @torch.no_grad()
-def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator, step: int,
+def draw_samples(tracking: Tracking, model, shown, manifest: Manifest, accelerator, step: int,
                  mode: InferenceMode) -> None:
     """input | truth | prediction strips of the fixed samples, predicted as evaluation predicts."""
     if not shown:
@@ -328,5 +329,5 @@ def draw_samples(tb: TensorBoard, model, shown, manifest: Manifest, accelerator,
     model.eval()
     for i, (key, image, mask) in enumerate(shown):
         pred = predict_sample(model, image, accelerator, mode)
-        tb.strip(f"val/sample_{i}", image, mask, pred, manifest.palette, manifest.ignore_index, step)
+        tracking.strip(f"val/sample_{i}", image, mask, pred, manifest.palette, manifest.ignore_index, step)
     model.train(was_training)

@@ -231,12 +231,19 @@ def run_folder(path: Path) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
+def saved_state(path: Path) -> dict:
+    """The trainer's counters checkpoint `path` saved (its state.json); {} where it has none or it does not read."""
+    try:
+        state = json.loads((Path(path) / piece_file("trainer")).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def saved_step(path: Path) -> int | None:
     """The training step checkpoint `path` was saved at (its state.json), None where it is not recorded."""
-    try:
-        return int(json.loads((Path(path) / piece_file("trainer")).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    step = saved_state(path).get("step")
+    return step if isinstance(step, int) else None
 
 
 FIT_FIX = "use the recipe it was trained with (it is saved beside it as recipe.toml)"

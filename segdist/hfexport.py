@@ -78,7 +78,7 @@ def export_hf(recipe, checkpoint: str, out: str) -> HfExportResult:
 
 def gather_facts(recipe, predictor, smp: bool) -> CardFacts:
     """What the card says, from the recipe, the loaded model, the manifests and the run folder."""
-    from segdist.checkpoint import run_folder, saved_step
+    from segdist.checkpoint import run_folder, saved_state, saved_step
     from segdist.recipe import dumps_toml
     from segdist.train.state import last_evaluation
 
@@ -94,27 +94,33 @@ def gather_facts(recipe, predictor, smp: bool) -> CardFacts:
         if evaluation is None:
             no_evaluation = f"run {run.name} kept no evaluation at or before step {step} in metrics/"
     saved_recipe = path / "recipe.toml"
+    trained = saved_state(path).get("manifests") or {}  # the manifests training read (absent before they were recorded)
     return CardFacts(
         smp=smp, arch=recipe.model.arch, encoder=recipe.model.encoder if smp else None,
         config=model_config(predictor.model, recipe, predictor.outputs, smp), outputs=predictor.outputs,
         classes=predictor.classes, palette=predictor.palette, ignore_index=predictor.ignore_index, ema=predictor.ema,
         checkpoint=f"{run.name}/checkpoints/{path.name}" if run is not None else path.name, step=step,
-        train=split_facts(recipe.data, recipe.data.train_split, evaluation=False),
-        val=split_facts(recipe.data, recipe.data.val_split, evaluation=True),
+        train=split_facts(recipe.data, recipe.data.train_split, False, trained.get("train")),
+        val=split_facts(recipe.data, recipe.data.val_split, True, trained.get("val")),
         evaluation=evaluation, no_evaluation=no_evaluation, eval_mode=predictor.mode.describe(),
         recipe_toml=saved_recipe.read_text(encoding="utf-8") if saved_recipe.is_file() else dumps_toml(recipe),
     )
 
 
-def split_facts(data, split: str, evaluation: bool) -> SplitFacts | str:
-    """The split's manifest facts, or why they are not known (the data is not on this machine)."""
+def split_facts(data, split: str, evaluation: bool, trained: str | None) -> SplitFacts | str:
+    """The split's manifest facts, or why they are not known (the data is not on this machine).
+    `trained`: the sha256 of the manifest training read, as the checkpoint recorded it (None in
+    checkpoints from before it was); the card names that one, and says so where the manifest at the
+    recipe's root has changed since."""
     from segdist.data.manifest import load_split, manifest_name
 
     try:
         m = load_split(data, split, check_files=False, evaluation=evaluation)
     except UserError as exc:
-        return str(exc).split(": ")[0]  # "manifest <path> not found", "data root <path> does not exist"
-    return SplitFacts(m.dataset, m.split, m.num_samples, manifest_name(split), m.sha256)
+        why = str(exc).split(": ")[0]  # "manifest <path> not found", "data root <path> does not exist"
+        return why if trained is None else f"{why}; training read a manifest {manifest_name(split)} of sha256 {trained}"
+    return SplitFacts(m.dataset, m.split, m.num_samples, manifest_name(split), trained or m.sha256,
+                      None if trained in (None, m.sha256) else m.sha256)
 
 
 def model_config(model: nn.Module, recipe, outputs: int, smp: bool) -> dict:

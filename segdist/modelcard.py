@@ -31,10 +31,17 @@ class SplitFacts:
     manifest: str
     """The manifest's file name (`<split>.json`)."""
     sha256: str
-    """Of the manifest file: the shards' own sha256 are in it, so this names the exact data."""
+    """Of the manifest file training read: the shards' own sha256 are in it, so this names the exact data."""
+    now: str | None = None
+    """The sha256 of the manifest at the recipe's root at export, where it differs from the one training
+    read (the split was re-converted since: the other facts are the new manifest's)."""
 
     def describe(self) -> str:
-        return f"`{self.dataset}` split `{self.split}`, {self.samples} samples (manifest `{self.manifest}`, sha256 `{self.sha256}`)"
+        text = f"`{self.dataset}` split `{self.split}`, {self.samples} samples (manifest `{self.manifest}`, sha256 `{self.sha256}`)"
+        if self.now is not None:
+            text += (f"; the manifest there now has sha256 `{self.now}`: the split was converted again after training, "
+                     "and the sample count is the new manifest's")
+        return text
 
 
 @dataclass

@@ -26,7 +26,7 @@ from conftest import TINY_RECIPE, launch
 from segdist.checkpoint import resolve_checkpoint
 from segdist.data.manifest import sha256_file
 from segdist.errors import UserError
-from segdist.hfexport import MODELING_FILE, export_hf, load_folder, modeling_source, write_own
+from segdist.hfexport import MODELING_FILE, export_hf, load_folder, modeling_source, split_facts, write_own
 from segdist.modelcard import FOLDER_LINE
 from segdist.models.build import build_model
 from segdist.predict import load_predictor, read_image
@@ -148,7 +148,10 @@ def check_card(out: Path, recipe_path: Path, run: Path, checkpoint: Path) -> Non
     card = (out / "README.md").read_text()
     recipe = load_recipe(recipe_path)
     root = Path(recipe.data.root)
-    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    state = json.loads((checkpoint / "state.json").read_text())
+    step = state["step"]
+    # the manifests training read, as the checkpoint recorded them
+    assert state["manifests"] == {"train": sha256_file(root / "train.json"), "val": sha256_file(root / "val7.json")}
     metrics = json.loads((run / "metrics" / f"step-{step}" / "metrics.json").read_text())
     for needle in ["library_name: segmentation-models-pytorch", "segmentation_models_pytorch `Unet`, encoder `resnet18`",
                    f"`shapes` split `train`, 48 samples (manifest `train.json`, sha256 `{sha256_file(root / 'train.json')}`)",
@@ -217,3 +220,25 @@ def test_the_modeling_file_imports_nothing_of_segdist():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported == {"__future__", "math", "torch", "json", "pathlib", "safetensors"}
     assert ast.get_docstring(tree).startswith("segdist's own segmentation architectures")
+
+
+def test_the_card_names_the_manifest_training_read_and_a_split_converted_again_since(shapes_root):
+    data = load_recipe_text(shapes_root).data
+    now = sha256_file(shapes_root / "train.json")
+    same = split_facts(data, "train", False, now)
+    assert same.sha256 == now and same.now is None and "converted again" not in same.describe()
+    before = split_facts(data, "train", False, "0" * 64)
+    assert before.sha256 == "0" * 64 and before.now == now
+    assert f"sha256 `{'0' * 64}`); the manifest there now has sha256 `{now}`: the split was converted again" in before.describe()
+    assert split_facts(data, "train", False, None).sha256 == now  # a checkpoint from before they were recorded
+    gone = split_facts(data, "nosuchsplit", False, "1" * 64)
+    assert isinstance(gone, str) and gone.endswith(f"training read a manifest nosuchsplit.json of sha256 {'1' * 64}")
+
+
+def load_recipe_text(root: Path):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.toml"
+        path.write_text(TINY_RECIPE.format(root=root, run_dir=Path(tmp) / "run"))
+        return load_recipe(path)

@@ -35,6 +35,10 @@ class TrainState:
     A resume must keep it (segdist.train.setup.check_resumable); 0 in checkpoints from before."""
     seed: int = 0
     """train.seed, which with G and the position fixes the data that comes next."""
+    manifests: dict = field(default_factory=dict)
+    """{"train": sha256, "val": sha256} of the manifests this run read (segdist.data.manifest
+    Manifest.sha256): the exact data a checkpoint was trained and evaluated on, which an export's
+    model card names (segdist.hfexport)."""
     layout: dict = field(default_factory=dict)
     """World size, loader workers, per-process batch, accumulation and precision: of this run once it
     started, of the saved run right after a load (a resume with the same G on another layout continues
@@ -46,12 +50,14 @@ class TrainState:
         return self.step * self.global_batch
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in COUNTERS}, "position": self.position, **self.layout}
+        return {**{k: getattr(self, k) for k in COUNTERS}, "position": self.position, "manifests": self.manifests,
+                **self.layout}
 
     def load_state_dict(self, saved: dict) -> None:
         for name in COUNTERS:
             setattr(self, name, type(getattr(self, name))(saved.get(name, getattr(self, name))))
         self.layout = {k: saved.get(k) for k in LAYOUT_KEYS}
+        self.manifests = saved.get("manifests") or {}
 
     def record(self, out: StepOutcome, step: int, max_bad_steps: int) -> None:
         """Count skipped steps: a bad one (non-finite loss, or gradient without loss scaling) and an

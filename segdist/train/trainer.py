@@ -56,6 +56,7 @@ class Trainer:
         # Samples per optimizer step over all ranks: the same as the checkpoint's (check_run refused another).
         self.state.global_batch = accelerator.num_processes * r.data.batch_size * r.train.grad_accum
         self.state.seed = r.train.seed
+        self.state.manifests = {"train": setup.train_manifest.sha256, "val": setup.val_manifest.sha256}
         if setup.resume_from is not None:
             log.info("resumed from %s at step %d (sample %d of the run)", setup.resume_from, self.state.step,
                      self.state.position)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from segdist.errors import UserError
-from segdist.fileio import atomic_write_json, atomic_write_text
+from segdist.fileio import atomic_write_json, atomic_write_text, fsync_path
 
 log = logging.getLogger("segdist")
 
@@ -105,21 +105,13 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, pieces: dict, r
     if accelerator.is_main_process:
         sizes = {}
         for p in sorted(tmp.iterdir()):
-            _fsync(p)  # the marker must not outlive its files in a power cut, only in a kill
+            fsync_path(p)  # the marker must not outlive its files in a power cut, only in a kill
             sizes[p.name] = p.stat().st_size
         atomic_write_json(tmp / MARKER, {"name": name, "files": sizes})
         _swap_into_place(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:

@@ -130,24 +130,35 @@ def atomic_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         yield tmp
         for item in sorted(tmp.rglob("*")):
             if item.is_file():
-                _fsync(item)
+                fsync_path(item)
                 os.chmod(item, 0o644)  # as atomic_write_bytes leaves a file; some writers make theirs 0o600
-        _fsync(tmp)
+        fsync_path(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep others from reading a folder made to be shared
         try:
             os.replace(tmp, path)
         except OSError as exc:  # ENOTEMPTY, EEXIST, ENOTDIR: something arrived at `folder` meanwhile
             raise UserError(f"{what} {folder} was filled while it was being written ({exc.strerror}): nothing in it "
                             "was overwritten; give a new or empty folder") from None
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a written file, or a folder's entries (what makes a rename in it durable), to disk. A
+    folder whose filesystem cannot fsync folders (some network filesystems, Windows) is passed over."""
+    folder = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)

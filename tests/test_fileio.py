@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from segdist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from segdist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_path
 
 
 def test_writes_creates_folders_and_replaces(tmp_path):
@@ -157,3 +157,11 @@ def test_a_new_folder_is_new_or_empty_in_a_folder_that_exists(tmp_path, setup, n
         setup(target)
     with pytest.raises(UserError, match=needle):
         check_new_folder(target, "--out")
+
+
+def test_fsync_path_flushes_a_file_or_a_folder_and_names_a_missing_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x")
+    fsync_path(tmp_path / "a.bin")
+    fsync_path(tmp_path)  # a folder: what makes a rename in it durable
+    with pytest.raises(FileNotFoundError):  # a file that is not there is an error, never passed over
+        fsync_path(tmp_path / "gone")

@@ -25,7 +25,7 @@ from PIL import Image
 from segdist.data.manifest import Manifest, ShardInfo, manifest_path, sha256_file
 from segdist.data.sample import MASK_KIND, META_KIND, label_counts, member_name, split_member
 from segdist.errors import UserError
-from segdist.fileio import atomic_write_json
+from segdist.fileio import atomic_write_json, fsync_path
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -206,7 +206,7 @@ class ShardWriter:
             stale_shard = self._own.fullmatch(path.name) and path.name not in keep
             if stale_shard or self._own_tmp.fullmatch(path.name):  # the latter: left by a killed run
                 path.unlink()
-        _fsync_dir(self.out)
+        fsync_path(self.out)  # the renames durable before the manifest that describes them appears
         manifest = Manifest(
             dataset=self.dataset,
             split=self.split,
@@ -239,16 +239,3 @@ class ShardWriter:
         if exc_type is not None:  # also KeyboardInterrupt
             self.abort()
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable before the manifest that describes them appears (POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and Windows) cannot fsync a directory
-    finally:
-        os.close(fd)

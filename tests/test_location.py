@@ -3,6 +3,7 @@ server on 127.0.0.1 (tests/shardserver.py), with retries, the sha256 check and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -143,19 +144,26 @@ def test_a_pipe_root_runs_its_command_per_file(shapes_root):
         load_manifest("pipe:false x/{name}", "val7", retries=1)
 
 
-def test_an_fsspec_root_is_read_through_fsspec(shapes_root):
+@contextlib.contextmanager
+def in_memory(shapes_root, folder: str):
+    """The val7 split copied into fsspec's memory filesystem at /`folder` (removed after)."""
     fsspec = pytest.importorskip("fsspec")
     fs = fsspec.filesystem("memory")
     for path in shapes_root.glob("val7*"):
-        fs.pipe(f"/splits/{path.name}", path.read_bytes())
+        fs.pipe(f"/{folder}/{path.name}", path.read_bytes())
     try:
+        yield fs
+    finally:
+        fs.rm(f"/{folder}", recursive=True)
+
+
+def test_an_fsspec_root_is_read_through_fsspec(shapes_root):
+    with in_memory(shapes_root, "splits") as fs:
         remote = load_manifest("memory://splits", "val7")
         assert samples(remote) == samples(load_manifest(shapes_root, "val7"))
         fs.rm("/splits/val7-000002.tar")
         with pytest.raises(UserError, match=r"^shard memory://splits/val7-000002.tar: not found"):
             check_reachable(remote)
-    finally:
-        fs.rm("/splits", recursive=True)
 
 
 @pytest.mark.slow
@@ -313,12 +321,6 @@ def test_a_pipe_root_reads_by_position_through_its_cache_only(shapes_root, tmp_p
 
 
 def test_an_fsspec_root_reads_by_position_with_a_seek(shapes_root):
-    fsspec = pytest.importorskip("fsspec")
-    fs = fsspec.filesystem("memory")
-    for path in shapes_root.glob("val7*"):
-        fs.pipe(f"/byposition/{path.name}", path.read_bytes())
-    try:
+    with in_memory(shapes_root, "byposition"):
         remote = load_manifest("memory://byposition", "val7")
         assert by_position(remote, ORDER) == [[*samples(load_manifest(shapes_root, "val7"))][i] for i in ORDER]
-    finally:
-        fs.rm("/byposition", recursive=True)

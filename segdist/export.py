@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from segdist.data.sample import padded_size
 from segdist.errors import UserError
 from segdist.preprocess import normalise
 
@@ -96,7 +97,7 @@ def export_onnx(recipe, checkpoint: str, out: str, opset: int = DEFAULT_OPSET, s
     if not 7 <= opset <= 23:
         raise UserError(f"--opset {opset}: use an ONNX opset from 7 to 23 (default {DEFAULT_OPSET})")
     if size is None:
-        size = [-(-int(v) // 32) * 32 for v in recipe.data.crop]
+        size = padded_size(*map(int, recipe.data.crop))
     h, w = check_size(size)
     predictor = load_predictor(recipe, checkpoint, device="cpu")
     wrapped = Normalised(predictor.model).eval()

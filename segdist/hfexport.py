@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from segdist.errors import UserError
+from segdist.data.sample import padded_size
+from segdist.errors import UserError, one_line
 from segdist.modelcard import SUMMARY_FILE, MODELING_FILE, CardFacts, SplitFacts, facts_json, render
 
 MAX_ABS_DIFF = 1e-6
@@ -58,7 +59,7 @@ def export_hf(recipe, checkpoint: str, out: str) -> HfExportResult:
     predictor = load_predictor(recipe, checkpoint, device="cpu")
     model, smp = predictor.model, recipe.model.arch not in OURS
     facts = gather_facts(recipe, predictor, smp)
-    size = [-(-int(v) // 32) * 32 for v in recipe.data.crop]
+    size = padded_size(*map(int, recipe.data.crop))
     with atomic_folder(out, "--out") as tmp:
         (tmp / "README.md").write_text(render(facts), encoding="utf-8")  # save_pretrained keeps a README that is there
         (tmp / SUMMARY_FILE).write_text(json.dumps(facts_json(facts), indent=1) + "\n", encoding="utf-8")
@@ -103,6 +104,7 @@ def gather_facts(recipe, predictor, smp: bool) -> CardFacts:
         train=split_facts(recipe.data, recipe.data.train_split, False, trained.get("train")),
         val=split_facts(recipe.data, recipe.data.val_split, True, trained.get("val")),
         evaluation=evaluation, no_evaluation=no_evaluation, eval_mode=predictor.mode.describe(),
+        whole_frames=predictor.mode.mode == "whole" and not predictor.mode.tta,
         recipe_toml=saved_recipe.read_text(encoding="utf-8") if saved_recipe.is_file() else dumps_toml(recipe),
     )
 
@@ -117,7 +119,7 @@ def split_facts(data, split: str, evaluation: bool, trained: str | None) -> Spli
     try:
         m = load_split(data, split, check_files=False, evaluation=evaluation)
     except UserError as exc:
-        why = str(exc).split(": ")[0]  # "manifest <path> not found", "data root <path> does not exist"
+        why = one_line(exc)  # "manifest <path> not found: ...", "data root <path> does not exist: ..."
         return why if trained is None else f"{why}; training read a manifest {manifest_name(split)} of sha256 {trained}"
     return SplitFacts(m.dataset, m.split, m.num_samples, manifest_name(split), trained or m.sha256,
                       None if trained in (None, m.sha256) else m.sha256)

@@ -70,6 +70,8 @@ class CardFacts:
     no_evaluation: str
     """Why there is no evaluation, when there is none."""
     eval_mode: str
+    whole_frames: bool
+    """That evaluation ran each frame whole in one pass, as the card's snippet does."""
     """How segdist ran frames through the model for that evaluation (segdist.inference.InferenceMode.describe)."""
     recipe_toml: str
 
@@ -142,7 +144,7 @@ def _metrics_lines(f: CardFacts) -> list[str]:
     lines = [f"The checkpoint's last evaluation, at step {at}, on {val}: **mIoU {_pct(m.get('miou'))} %**, pixel "
              f"accuracy {_pct(m.get('pixel_accuracy'))} %, over {m.get('num_samples', 'n/a')} samples; per-class IoU in "
              f"the classes' table above. segdist's evaluation ran on {f.eval_mode}"
-             + (", as the snippet above does." if f.eval_mode == "whole frames" else "; the snippet above runs whole frames.")]
+             + (", as the snippet above does." if f.whole_frames else "; the snippet above runs whole frames.")]
     if f.step is not None and at != f.step:
         lines.append(f"That evaluation measured the weights of step {at}; these are of step {f.step}.")
     return lines

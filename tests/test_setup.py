@@ -1,15 +1,16 @@
 """segdist.train.setup's checks that need no process group: the accumulation a fixed global batch
-resolves to, and the global batch a resume must keep (the CLI cases are in test_bad_inputs.py)."""
+resolves to, and the global batch and seed a resume must keep (the CLI cases are in test_bad_inputs.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from segdist.errors import UserError
 from segdist.recipe import Recipe, recipe_from_dict
-from segdist.train.setup import check_global_batch, resolve_accumulation
+from segdist.train.setup import check_global_batch, check_resumable, resolve_accumulation
 
 
 def recipe(batch: int, accum, global_batch=None) -> Recipe:
@@ -48,3 +49,13 @@ def test_a_resume_keeps_the_global_batch():
         check_global_batch(Path("ck"), saved, recipe(4, 2), 4)
     with pytest.raises(UserError, match=r"16 is not divisible by 3 processes x train.grad_accum 2"):
         check_global_batch(Path("ck"), saved, recipe(4, 2), 3)
+
+
+def test_a_resume_keeps_the_seed_its_state_records_without_a_recipe_beside_it(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"step": 2, "seed": 3, "global_batch": 4, "world_size": 1,
+                                                      "batch_size": 4, "grad_accum": 1}))
+    same = recipe_from_dict({"data": {"batch_size": 4}, "train": {"seed": 3, "steps": 5}})
+    assert check_resumable(tmp_path, same, 1) == 2  # no recipe.toml in the checkpoint
+    other = recipe_from_dict({"data": {"batch_size": 4}, "train": {"seed": 4, "steps": 5}})
+    with pytest.raises(UserError, match=r"was trained with train.seed = 3, this recipe has 4"):
+        check_resumable(tmp_path, other, 1)

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path of the TOML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--resume", nargs="?", const="must", default="no", choices=["auto", "must"], metavar="auto",
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
                    help="continue from the latest complete checkpoint in train.run_dir (an error if there is "
                    "none); --resume auto: continue if there is one, else start (what a requeued job needs)")
     p.add_argument("--print-run-dir", action="store_true",
@@ -43,12 +43,8 @@ def main(argv=None) -> int:
         return 0
     import segdist
 
-    segdist.train(args.recipe, args.overrides, resume=RESUME[args.resume])
+    segdist.train(args.recipe, args.overrides, resume=args.resume)  # False, True (--resume) or "auto"
     return 0
-
-
-RESUME = {"no": False, "must": True, "auto": "auto"}
-"""--resume as the command line says it -> as segdist.train takes it."""
 
 
 def run() -> None:

@@ -86,7 +86,8 @@ def load_trained(recipe, checkpoint, manifest=None) -> tuple[nn.Module, TrainedI
 
 def _load_ema(path: Path, model: nn.Module) -> None:
     """Load the EMA copy's weights into the model: one line for any bad file."""
-    fix = "use the recipe it was trained with (saved beside it as recipe.toml)"
+    from segdist.checkpoint import FIT_FIX
+
     try:
         saved = torch.load(path / "ema.pt", map_location="cpu", weights_only=True)
         state = saved["module"]
@@ -98,4 +99,4 @@ def _load_ema(path: Path, model: nn.Module) -> None:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise UserError(f"checkpoint {path}/ema.pt does not fit this recipe's model "
-                        f"({str(exc).strip().splitlines()[0]}); {fix}") from None
+                        f"({str(exc).strip().splitlines()[0]}); {FIT_FIX}") from None

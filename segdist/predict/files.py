@@ -191,7 +191,10 @@ def write_prediction(predictor: Predictor, label: np.ndarray, prob: np.ndarray, 
 
 def _agree_on_inputs(paths: list[Path], world: int) -> None:
     """Decode this rank's share of the inputs; if any rank's share holds a bad file, every rank
-    raises the first one's error (so the main process prints it) before anything is written."""
+    raises the first one's error (so the main process prints it) before anything is written. Each
+    file is so decoded twice (here, and when predicted): the price of that promise, since a header
+    check (PIL's `verify`) passes a truncated JPEG, and keeping the decoded frames would hold the
+    whole share in memory."""
     error = None
     try:
         for path in paths:

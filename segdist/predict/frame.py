@@ -97,10 +97,9 @@ def load_predictor(recipe, checkpoint: str | os.PathLike, device: str | torch.de
     is one, else the CPU.
     """
     from segdist.models import load_trained
-    from segdist.recipe import load_recipe
+    from segdist.recipe import resolve_recipe
 
-    if not hasattr(recipe, "model"):
-        recipe = load_recipe(recipe)
+    recipe = resolve_recipe(recipe)
     model, info = load_trained(recipe, checkpoint)
     if info.manifest is not None:
         m = info.manifest

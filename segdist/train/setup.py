@@ -157,6 +157,8 @@ def check_resumable(path: Path, recipe: Recipe, world: int) -> int:
     state = json.loads((path / "state.json").read_text())
     step = int(state["step"])
     saved = saved_recipe(path)
+    if "seed" in state:  # state.json's own record (older checkpoints: only their recipe.toml has it)
+        saved.setdefault("train", {})["seed"] = state["seed"]
     for section, key in (("model", "arch"), ("model", "encoder"), ("model", "classes"), ("optim", "name"),
                          ("train", "seed")):
         before = saved.get(section, {}).get(key)

@@ -1,25 +1,31 @@
 """`launch/bench.py data`: training-input throughput on Cityscapes-size frames (2048x1024). It writes the same
 synthetic frames three ways — a folder of PNG image + PNG mask files, shards storing PNG images,
 shards storing JPEG images (quality 90, as `launch/shard.py ... --image-format jpeg
---jpeg-quality 90` writes them) — then measures, in one run with the same workers, batch size and
-augmentation preset:
+--jpeg-quality 90` writes them) — then measures four loaders, in one run with the same workers,
+batch size and augmentation preset: the folder (a plain map-style torch Dataset, shuffled, that
+reads the two files); the PNG shards scanned front to back, each worker its share (`png-scan`,
+`ShardScan`: how the training stream read before it read by position); and the PNG and JPEG shards
+through the training stream (`TrainStream` + `GlobalBatches` + `train_loader`, each sample read by
+its offsets in a pass's block-shuffled order). All run the same `decode_sample` and preset.
 - 1-process CPU ms: read + `decode_sample` + the preset per sample in this process, no loader;
-- the loaders: `TrainStream` through `train_loader` for the shards, and for the folder a plain
-  map-style torch Dataset (shuffled sampler) that reads the two files and runs the same
-  `decode_sample` and preset; timed after `--warmup` batches, best of `--rounds` interleaved
-  rounds. Loader CPU ms/sample (main process + workers) barely moves when other jobs share the
-  machine; loader samples/s (wall clock) is what training sees, and does move.
+- the loaders, timed after `--warmup` batches, best of `--rounds` interleaved rounds. Loader CPU
+  ms/sample (main process + workers) barely moves when other jobs share the machine; loader
+  samples/s (wall clock) is what training sees, and does move;
+- read KB/sample: the folder's two files; a whole shard per its samples when scanned; the span a
+  read by offset takes (from the first member's tar header to the last member's end).
 
 Frames are `segdist.data.shapes` scenes drawn at a quarter of the size and upscaled: smooth
 regions, sharp edges and grain compress roughly like street photos (the stored MB/sample column
 shows it: ~2.8 MB as PNG, where Cityscapes' PNGs average ~2.2 MB). All files sit in the page
-cache: reading costs syscalls and tar parsing, not disk — cold storage would favour shards more.
+cache: reading costs syscalls (and, for the scan, tar parsing), not disk — cold storage would
+favour sequential scans more.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tarfile
 import tempfile
 import time
 from functools import partial
@@ -203,7 +209,7 @@ def loader_rate(source: str, root: Path, args, transform) -> tuple[float, float]
     return n / wall, cpu / n * 1000
 
 
-def one_process_ms(source: str, root: Path, count: int, transform) -> float:
+def one_process_ms(source: str, root: Path, count: int, transform, block: int) -> float:
     """Read + decode + augment every sample once in this process; CPU ms per sample."""
     if source == "folder":
         ds = FolderDataset(root / "folder", frame_keys(count), transform)
@@ -213,7 +219,7 @@ def one_process_ms(source: str, root: Path, count: int, transform) -> float:
     else:  # by offset, in a pass's order, as the training stream reads
         manifest = load_manifest(root / source, "train")
         where = manifest.located()
-        raws = (read_sample(*where[i]) for i in PassOrder([sh.samples for sh in manifest.shards], 0, 16)(0))
+        raws = (read_sample(*where[i]) for i in PassOrder([sh.samples for sh in manifest.shards], 0, block)(0))
     start, n = time.process_time(), 0
     for raw in raws:
         _, image, mask = decode_sample(raw, CLASSES, 255)
@@ -238,7 +244,9 @@ def read_kb(root: Path, count: int) -> dict[str, float]:
            "png-scan": sum(p.stat().st_size for p in (root / "png").glob("train-*.tar")) / count / 1e3}
     for fmt in ("png", "jpg"):
         manifest = load_manifest(root / fmt, "train")
-        spans = [max(o + n for _, o, n in m) - min(o for _, o, _ in m) for sh in manifest.shards for _, m in sh.members]
+        # read_sample's one span: from the first member's tar header (checked) to the last member's end
+        spans = [max(o + n for _, o, n in m) - min(o for _, o, _ in m) + tarfile.BLOCKSIZE
+                 for sh in manifest.shards for _, m in sh.members]
         out[fmt] = sum(spans) / count / 1e3
     return out
 
@@ -260,7 +268,7 @@ def run_data(args: argparse.Namespace) -> int:
         mb = write_data(root, args.count, tuple(args.size), args.samples_per_shard, (os.cpu_count() or 1) if big else 1)
         written = time.perf_counter() - t0
         transform = build_augment(args.augment, tuple(args.crop), 255)
-        ms = {source: one_process_ms(source, root, args.count, transform) for source in ROWS}
+        ms = {source: one_process_ms(source, root, args.count, transform, args.batch_size * 2) for source in ROWS}
         runs: dict[str, list[tuple[float, float]]] = {source: [] for source in ROWS}
         for _ in range(args.rounds):  # interleaved, so a busy moment hits every row alike
             for source in ROWS:

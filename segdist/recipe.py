@@ -77,6 +77,10 @@ class DataConfig:
     shards in a shuffled order, their samples in order); segdist.data.stream.PassOrder."""
     on_corrupt: str = "fail"
     """A truncated shard or undecodable sample in training: "fail", or "skip" it with a warning (eval never skips)."""
+    in_memory: bool = False
+    """Read and decode the whole training split into each training process's memory when training
+    starts, and gather every batch from there (segdist/data/held.py): for small splits on light models,
+    where per-sample reading and decoding cannot keep a GPU busy. The same batches as without."""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)

@@ -306,3 +306,18 @@ class Running:
     @property
     def err(self) -> str:
         return self.err_path.read_text()
+
+
+def write_split(root, samples, per_shard=4, split="s"):
+    """Shards of 8x8 samples; `samples` lists keys, "bad*" keys get image bytes that do not decode."""
+    import numpy as np
+
+    from segdist.data.shards import ShardWriter, encode_png
+
+    w = ShardWriter(root, split, dataset="t", classes=["a", "b", "c", "d"], palette=[[0, 0, 0]] * 4,
+                    samples_per_shard=per_shard)
+    for i, key in enumerate(samples):
+        image = encode_png(np.full((8, 8, 3), i * 5 % 256, np.uint8))
+        mask = np.full((8, 8), i % 4, np.uint8)
+        w.write(key, b"not an image" if key.startswith("bad") else image, "png", mask)
+    return w.close()

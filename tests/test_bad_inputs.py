@@ -207,6 +207,12 @@ def unknown_geometry_place(c: Ctx) -> Case:
 
 
 @case
+def in_memory_not_a_bool(c: Ctx) -> Case:
+    return Case(train(c.recipe(), "--set", "data.in_memory=maybe"), ("data.in_memory", "true or false", "maybe"),
+                absent=(c.run,))
+
+
+@case
 def blur_asked_of_device_geometry(c: Ctx) -> Case:
     return Case(train(c.recipe(), "--set", "data.augment=ph2", "--set", "data.geometry=device"),
                 ("data.geometry", "p_blur", "data.augment_args.p_blur = 0"), absent=(c.run,))

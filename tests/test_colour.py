@@ -7,6 +7,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from segdist.data.colour import IDENTITY, ColourJitter, apply_colour
+from segdist.data.draws import uniforms
 
 
 def batch(n=4, h=9, w=11, seed=0) -> torch.Tensor:
@@ -36,8 +37,8 @@ def test_each_sample_gets_its_own_factors_as_torchvision_defines_them():
 
 def test_draws_are_the_seeds_and_respect_p_and_the_ranges():
     jitter = ColourJitter(0.2, 0.2, 0.2, 0.1, 0.5)
-    draws = np.stack([jitter.draw(np.random.default_rng([7, n])) for n in range(400)])
-    again = np.stack([jitter.draw(np.random.default_rng([7, n])) for n in range(400)])
+    draws = jitter.factors(uniforms(7, np.arange(400), 3, 5))
+    again = np.concatenate([jitter.factors(uniforms(7, [n], 3, 5)) for n in range(400)])
     assert np.array_equal(draws, again) and draws.dtype == np.float32
     identity = (draws == np.asarray(IDENTITY, np.float32)).all(1)
     assert 0.4 < identity.mean() < 0.6
@@ -49,8 +50,7 @@ def test_draws_are_the_seeds_and_respect_p_and_the_ranges():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_same_on_the_gpu():
     x = batch(8, 64, 64)
-    factors = torch.from_numpy(np.stack([ColourJitter(0.4, 0.4, 0.4, 0.2, 1.0).draw(np.random.default_rng(n))
-                                         for n in range(8)]))
+    factors = torch.from_numpy(ColourJitter(0.4, 0.4, 0.4, 0.2, 1.0).factors(uniforms(0, np.arange(8), 3, 5)))
     assert torch.allclose(apply_colour(x.cuda(), factors).cpu(), apply_colour(x, factors), atol=1e-3)
 
 

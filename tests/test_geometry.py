@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segdist.data.augment import build_augment, resolved_params
+from segdist.data.draws import Draws
 from segdist.data.geometry import DeviceGeometry, Frame, Placement, build_geometry, check_geometry, place
 from segdist.errors import UserError
 
@@ -25,10 +26,10 @@ def frame(h: int, w: int, seed: int = 0, classes: int = 5) -> tuple[np.ndarray, 
 
 def on_device(geometry: DeviceGeometry, samples, seed: int = 0):
     """Samples drawn and collated as the loader does, placed as the trainer does."""
-    items = [(torch.from_numpy(image), torch.from_numpy(mask),
-              torch.from_numpy(geometry.draw(np.random.default_rng([seed, i]), *mask.shape)))
-             for i, (image, mask) in enumerate(samples)]
-    images, masks, placement = geometry.collate(items)
+    images, masks = zip(*samples)
+    matrices = geometry.draw(Draws(seed, np.arange(len(samples)), 2), [m.shape[0] for m in masks],
+                             [m.shape[1] for m in masks])
+    images, masks, placement = geometry.collate(images, masks, matrices)
     assert isinstance(placement, Placement)
     return place(images, masks, placement, "cpu")
 
@@ -104,14 +105,14 @@ def test_frame_maps_compose_back_to_the_stored_pixel():
     f.crop(3, 5, 6, 8)
     f.turn(1)       # 8 high, 6 wide
     f.hflip()
-    assert (f.h, f.w) == (8, 6)
+    assert (f.h.item(), f.w.item()) == (8, 6)
     rows, cols = np.mgrid[0:12, 0:20]
     padded = np.full((12, 20), -1)
     padded[1:11] = np.arange(200).reshape(10, 20)
     want = np.rot90(padded[3:9, 5:13], 1)[:, ::-1]
     for i in range(8):
         for j in range(6):
-            x, y, _ = f.m @ (j + 0.5, i + 0.5, 1.0)
+            x, y, _ = f.m[0] @ (j + 0.5, i + 0.5, 1.0)
             assert want[i, j] == (int(y) * 20 + int(x) if 0 <= x < 20 and 0 <= y < 10 else -1)
 
 

@@ -7,11 +7,14 @@ import torch
 
 from segdist.data.augment import build_augment
 from segdist.data.colour import ColourJitter
+from segdist.data.draws import uniforms
 from segdist.data.manifest import load_manifest
 from segdist.data.shards import ShardWriter, encode_png
 from segdist.data.sample import CorruptSample, ShardError, read_shard
 from segdist.data.stream import EvalStream, GlobalBatches, PassOrder, TrainStream, eval_loader, train_loader
 from segdist.errors import UserError
+
+from conftest import write_split
 
 
 def canonical_groups(manifest, group):
@@ -177,8 +180,8 @@ def test_colour_factors_ride_with_the_batch_from_each_positions_seed(shapes_root
     full = take(make_train(manifest, colour=colour), 2, 5)
     for (a, am), (b, bm, factors) in zip(plain, full):
         assert torch.equal(a, b) and torch.equal(am, bm) and factors.shape == (3, 4) and factors.dtype == torch.float32
-    first = np.random.default_rng([0, 0, 3])  # seed 0, position 0
-    assert torch.equal(full[0][2][0], torch.from_numpy(colour.draw(first)))
+    first = uniforms(0, [0], 3, 5)  # seed 0, position 0
+    assert torch.equal(full[0][2][0], torch.from_numpy(colour.factors(first)[0]))
     assert len({tuple(f.tolist()) for batch in full for f in batch[2]}) > 5  # not one draw for all
     assert same(full[3:], take(make_train(manifest, colour=colour), 0, 2, start=9))
 
@@ -215,17 +218,6 @@ def test_label_out_of_range_at_read_names_the_sample(shapes_root):
 
 
 # -- corrupt data -----------------------------------------------------------------------------------
-
-
-def write_split(root, samples, per_shard=4, split="s"):
-    """Shards of 8x8 samples; `samples` lists keys, "bad*" keys get image bytes that do not decode."""
-    w = ShardWriter(root, split, dataset="t", classes=["a", "b", "c", "d"], palette=[[0, 0, 0]] * 4,
-                    samples_per_shard=per_shard)
-    for i, key in enumerate(samples):
-        image = encode_png(np.full((8, 8, 3), i * 5 % 256, np.uint8))
-        mask = np.full((8, 8), i % 4, np.uint8)
-        w.write(key, b"not an image" if key.startswith("bad") else image, "png", mask)
-    return w.close()
 
 
 def stream_of(manifest, on_corrupt):

@@ -1,16 +1,18 @@
 """`launch/bench.py feed [RECIPE ...]`: can the CPUs feed a GPU on each shipped recipe?
 
 Per recipe it measures, in one process on one thread, the CPU time per sample of the real training
-input path — read each sample by its offsets in a pass's order, decode the image, decode the mask and check its labels
-(`decode_sample`), the recipe's augmentation preset at its crop (seeded as the training stream seeds
-it), collate a batch — on frames of the recipe's dataset at the dataset's real size, stored as the
-recipe's `# convert:` line for its training split says (`--max-size`, `--image-format`,
-`--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device, JPEGs decoded
-reduced where the preset shrinks them first, and with `data.geometry = "device"` only each sample's
-placement drawn (the warp is the GPU's). Beside it, in the same run and on
-the same frames, the input path before: full-size frames in the source's own format
-(`--image-format keep`), decoded whole, colour jitter run on the CPU in the pipeline (albumentations'
-ColorJitter).
+input path — read each sample by its offsets in a pass's order, decode the image, decode the mask
+and check its labels (`decode_sample`), the recipe's augmentation preset at its crop (seeded as the
+training stream seeds it), collate a batch — on frames of the recipe's dataset at the dataset's real
+size, stored as the recipe's `# convert:` line for its training split says (`--max-size`,
+`--image-format`, `--jpeg-quality`, `--mask-format`), colour jitter drawn as factors for the device, JPEGs
+decoded reduced where the preset shrinks them first, and with `data.geometry = "device"` only each
+sample's placement drawn (the warp is the GPU's). With `data.in_memory` the split is read and
+decoded once (timed, and printed below the table: once per run) and each micro-batch is a gather
+from memory ("read") and its draws and canvas ("collate"), timed over `HELD_BATCHES` micro-batches a
+pass. Beside it, in the same run and on the same frames, the input path before: full-size frames in
+the source's own format (`--image-format keep`), decoded whole, colour jitter run on the CPU in the
+pipeline (albumentations' ColorJitter).
 
 The GPU side is arithmetic, not a measurement: the model's training FLOPs per sample at the crop
 (`torch.utils.flop_counter`; on the meta device, or on a real CPU copy for models that cannot run
@@ -51,6 +53,9 @@ DATASETS = {
 }
 STAGES = ("read", "image", "mask", "augment", "collate")
 """Where the ms go: tar read, image decode, mask decode + label check, the preset, batching."""
+HELD_BATCHES = 64
+"""Micro-batches per timed pass of a split held in memory: its cost per batch does not depend on the
+split's size, so the bench's few frames are gathered again and again, over the passes, as training does."""
 BEFORE = {"max_size": None, "image_format": "keep", "jpeg_quality": 95, "mask_format": "png"}
 """How every recipe's data was stored before recipes named their storage: launch/shard.py's
 defaults (full frames, the source's format); tests/test_bench_feed.py checks they still are."""
@@ -167,25 +172,47 @@ def pipeline(recipe, ignore_index: int, colour_on_cpu: bool):
     return transform, colour
 
 
-def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[dict[str, float], float]:
-    """(ms per sample of each stage, stored MB per sample): the fastest of `passes` passes over the
-    split, one thread. Each stage calls what the training stream calls; `colour_on_cpu`: the
-    preset's colour jitter runs in the CPU pipeline, as before it moved to the device."""
+def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[dict[str, float], float, float | None]:
+    """(ms per sample of each stage, stored MB per sample, ms per sample of the one read into memory
+    or None): the fastest of `passes` passes over the split, one thread. Each stage calls what the
+    training stream calls; `colour_on_cpu`: the preset's colour jitter runs in the CPU pipeline, as
+    before it moved to the device, and the split is streamed whatever `data.in_memory` says."""
     from segdist.data.augment import decode_reduction
     from segdist.data.manifest import load_manifest
     from segdist.data.sample import read_sample, sample_image, sample_mask
-    from segdist.data.stream import PassOrder, SampleAugment
+    from segdist.data.stream import PassOrder, SampleAugment, TrainStream
 
     manifest = load_manifest(split, "train")
     transform, colour = pipeline(recipe, manifest.ignore_index, colour_on_cpu)
     # The JPEG decode reduction came with the colour jitter's move: "before" decodes full frames.
     reduce_for = None if colour_on_cpu else decode_reduction(recipe.data.augment, tuple(recipe.data.crop),
                                                               recipe.data.augment_args)
-    # The training stream's own per-sample augmentation (seeds, CPU pipeline, colour factors).
-    augment = SampleAugment(transform, 0, colour)
     batch = recipe.data.batch_size
     best = {s: float("inf") for s in STAGES}
     stored = sum(p.stat().st_size for p in manifest.shard_paths()) / manifest.num_samples / 1e6
+    if recipe.data.in_memory and not colour_on_cpu:
+        # Held in memory (segdist.data.held): read and decoded once, then each micro-batch of
+        # positions is a gather (read) and the batch's draws and canvas (collate).
+        t = time.perf_counter()
+        stream = TrainStream(manifest, seed=0, transform=transform, shuffle_buffer=recipe.data.shuffle_buffer,
+                             colour=colour, reduce_for=reduce_for, in_memory=True)
+        load = 1000 * (time.perf_counter() - t) / manifest.num_samples
+        for _ in range(passes):
+            spent = dict.fromkeys(STAGES, 0.0)
+            for first in range(0, HELD_BATCHES * batch, batch):  # whole micro-batches, passes on passes
+                positions = np.arange(first, first + batch)
+                t0 = time.perf_counter()
+                ids = stream.held_ids(positions)  # the bench's frames share one size: a gather
+                images, masks = stream.held.images[ids], stream.held.masks[ids]
+                t1 = time.perf_counter()
+                stream.augment.batch(images, masks, positions)
+                spent["read"] += t1 - t0
+                spent["collate"] += time.perf_counter() - t1
+            for stage in STAGES:
+                best[stage] = min(best[stage], 1000 * spent[stage] / (HELD_BATCHES * batch))
+        return best, stored, load
+    # The training stream's own per-sample augmentation (seeds, CPU pipeline) and batching.
+    augment = SampleAugment(transform, 0, colour)
     # As the training stream reads them: by offset, in a pass's order (blocks of the recipe's size);
     # the order and the locations are the stream's once-per-run setup, outside the timed reads.
     order = PassOrder([sh.samples for sh in manifest.shards], 0, recipe.data.shuffle_buffer)(0)
@@ -209,11 +236,11 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             spent["augment"] += t3 - t2
         t = time.perf_counter()
         for i in range(0, len(items), batch):
-            augment.collate(items[i: i + batch])  # as train_loader batches them
+            augment.collate(items[i: i + batch])  # as the training stream batches them
         spent["collate"] = time.perf_counter() - t
         for stage in STAGES:
             best[stage] = min(best[stage], 1000 * spent[stage] / len(raws))
-    return best, stored
+    return best, stored, None
 
 
 def count_flops(recipe, classes: int) -> float | None:
@@ -272,10 +299,11 @@ def run_feed(args: argparse.Namespace) -> int:
           "line, colour jitter on the device. ms = CPU ms per training sample; cores = ms x samples/s a GPU "
           "takes / 1000\n")
     header = (f"{'recipe':<30} {'GFLOP/s.':>9} {'H100 s/s':>9} {'A100 s/s':>9} | {'stored before':<24} {'ms':>6} "
-              f"{'cores/H100':>10} | {'stored now':<28} {'ms':>6} {'MB':>5} {'cores/H100':>10} {'cores/A100':>10} | "
+              f"{'cores/H100':>10} | {'stored now':<34} {'ms':>6} {'MB':>5} {'cores/H100':>10} {'cores/A100':>10} | "
               f"now: {' / '.join(STAGES)} ms")
     print(header)
     print("-" * len(header))
+    held = []
     with tempfile.TemporaryDirectory(prefix="segdist-feed-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -293,18 +321,24 @@ def run_feed(args: argparse.Namespace) -> int:
             rows = {}
             for _ in range(args.passes):  # before and now alternate, so a busy moment hits both alike
                 for name, split in splits.items():
-                    stages, stored = time_stages(split, recipe, 1, colour_on_cpu=name == "before")
-                    best = rows.get(name, (stages, stored))[0]
-                    rows[name] = ({k: min(v, best[k]) for k, v in stages.items()}, stored)
+                    stages, stored, load = time_stages(split, recipe, 1, colour_on_cpu=name == "before")
+                    best, best_load = rows.get(name, (stages, stored, load))[0::2]
+                    rows[name] = ({k: min(v, best[k]) for k, v in stages.items()}, stored,
+                                  None if load is None else min(load, best_load))
+            if rows["now"][2] is not None:
+                held.append(f"{path.stem}: {rows['now'][2]:.2f} ms per sample")
             flops = count_flops(recipe, classes)
             rates = gpu_rates(flops, args.mfu)
             before_ms = sum(rows["before"][0].values())
             now_ms = sum(rows["now"][0].values())
             cores = lambda ms, gpu: "-" if rates[gpu] is None else f"{ms * rates[gpu] / 1000:.1f}"  # noqa: E731
             rate = lambda gpu: "-" if rates[gpu] is None else f"{rates[gpu]:,.0f}"  # noqa: E731
-            stages = " / ".join(f"{rows['now'][0][s]:.2f}" for s in STAGES)
+            stages = " / ".join(f"{rows['now'][0][s]:.3f}" for s in STAGES)
             print(f"{path.stem:<30} {(flops or 0) / 1e9:>9.1f} {rate('H100'):>9} {rate('A100'):>9} | "
                   f"{describe(BEFORE, fmt):<24} {before_ms:>6.2f} {cores(before_ms, 'H100'):>10} | "
-                  f"{describe(now_storage, fmt):<28} {now_ms:>6.2f} {rows['now'][1]:>5.2f} {cores(now_ms, 'H100'):>10} "
+                  f"{describe(now_storage, fmt) + (', held' if recipe.data.in_memory else ''):<34} {now_ms:>6.3f} {rows['now'][1]:>5.2f} {cores(now_ms, 'H100'):>10} "
                   f"{cores(now_ms, 'A100'):>10} | {stages}", flush=True)
+    if held:
+        print("\nheld = data.in_memory: the split read and decoded once when training starts (not in ms above; "
+              "once per run, ms per sample of the split): " + ", ".join(held))
     return 0

@@ -17,6 +17,12 @@ def mask_tensor(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
 
 
+def stacked_masks(masks: np.ndarray, ignore_index: int) -> torch.Tensor:
+    """N masks of one size (an N x H x W array) as one batch, stored as `pad_batch` stores them."""
+    small = 0 <= ignore_index <= 255 and masks.dtype == np.uint8
+    return torch.from_numpy(masks if small else masks.astype(np.int32))
+
+
 def pad_batch(images, masks, ignore_index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (H x W x 3 uint8) and masks of any sizes up to (height, width) in one batch each:
     images padded with 0 at the bottom and right, masks with the ignore index. Masks stay as small as

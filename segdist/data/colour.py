@@ -2,7 +2,7 @@
 
 The loader's per-sample CPU work is what starves a GPU (BENCHMARKS.md, `bench feed`), and colour
 jitter is four full-frame passes at the crop size, plus an HSV round trip for hue. Here the loader
-only draws four numbers per sample, from the sample's own seed (the training stream's), and the
+only draws four numbers per sample, from the sample's own position (segdist.data.draws), and the
 trainer applies them to the whole batch on the device, in float, right before normalisation
 (segdist.preprocess.to_input). The same code runs on the CPU in the tests and in CPU training,
 where it is no bargain: a batch of 8 at 512x512 took 225 ms on one EPYC thread with hue, 60 ms
@@ -46,15 +46,15 @@ class ColourJitter:
     def active(self) -> bool:
         return self.p > 0 and (self.brightness > 0 or self.contrast > 0 or self.saturation > 0 or self.hue > 0)
 
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        """One sample's factors (brightness, contrast, saturation, hue) as float32; always draws
-        five numbers, so the stream of draws does not depend on the outcome."""
-        u = rng.random(5)
-        if u[0] >= self.p:
-            return np.asarray(IDENTITY, np.float32)
-        factor = lambda strength, v: 1.0 + strength * (2 * v - 1)  # noqa: E731 - uniform in [1 - s, 1 + s]
-        return np.asarray([max(0.0, factor(self.brightness, u[1])), max(0.0, factor(self.contrast, u[2])),
-                           max(0.0, factor(self.saturation, u[3])), self.hue * (2 * u[4] - 1)], np.float32)
+    def factors(self, u: np.ndarray) -> np.ndarray:
+        """The factors (brightness, contrast, saturation, hue; N x 4 float32) of N samples from five
+        uniform numbers each (N x 5, segdist.data.draws): the first decides whether a sample is
+        jittered, the other four are its factors' positions in their ranges."""
+        u = np.asarray(u, np.float64).reshape(-1, 5)
+        moved = (2 * u[:, 1:] - 1) * (self.brightness, self.contrast, self.saturation, self.hue)
+        moved[:, :3] += 1
+        np.maximum(moved[:, :3], 0.0, out=moved[:, :3])
+        return np.where(u[:, :1] < self.p, moved, IDENTITY).astype(np.float32)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,17 @@ batched warp applies it where the model runs.
 Why: for light models the per-sample CPU pipeline is what keeps a GPU waiting. albumentations'
 resize, pad, crop and flips cost 0.2-0.4 ms per sample even on 256x256 frames, and a model of 10-20
 GFLOP per sample trains at 20k-35k samples/s on an H100 (`launch/bench.py feed`, BENCHMARKS.md).
-Here the loader only reads the stored frame and draws a 2x3 matrix from the sample's own seed (the
-training stream's). The batch holds the frames as stored, padded into one canvas, and the matrices.
-The trainer warps the whole batch on the device before the loss counts its pixels
-(segdist.train.step.on_device). The same code runs on the CPU in the tests and in CPU training.
+Here the loader only reads the stored frame, and draws a 2x3 matrix per sample from the sample's own
+numbers (segdist.data.draws: for the whole batch at once, by position). The batch holds the frames
+as stored, padded into one canvas, and the matrices. The trainer warps the whole batch on the device
+before the loss counts its pixels (segdist.train.step.on_device). The same code runs on the CPU in
+the tests and in CPU training.
 
-A preset's stages (resize, pad, crop, flips, right-angle turns, affine) draw their parameters from the
-same distributions as the CPU pipeline (segdist.data.augment), composed into one map from each output
-pixel back to the stored frame. Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5). The
-resampling follows the CPU pipeline:
+A preset's stages (resize, pad, crop, flips, right-angle turns, affine) draw their parameters from
+the same distributions as the CPU pipeline (segdist.data.augment), composed into one map from each
+output pixel back to the stored frame; `Frame` follows every frame of the batch at once (numpy
+arrays). Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5). The resampling follows the
+CPU pipeline:
 - masks take the label of the stored pixel under the mapped centre (nearest, as INTER_NEAREST_EXACT
   resizes), so no label is invented;
 - images are bilinear, with the frame's edge pixels repeated at its border, as cv2's INTER_LINEAR
@@ -33,56 +35,88 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from segdist.data.collate import pad_batch
+from segdist.data.collate import mask_tensor, pad_batch, stacked_masks
+from segdist.data.draws import Draws
 from segdist.errors import UserError
 
 GEOMETRY = ("cpu", "device")
 
 
-# -- following a frame through a preset's stages ----------------------------------------------------
+# -- following frames through a preset's stages -----------------------------------------------------
+_TURNS = np.array([[1, 0, 0, 0, 0], [0, -1, 1, 1, 0], [-1, 0, 0, 1, 1], [0, 1, -1, 0, 1]], dtype=np.float64)
+"""k quarter turns' back map (x, y) -> (a x + b y + cw w, d x + a y + fh h), as (a, b, d, cw, fh) by k."""
+
+
 class Frame:
-    """A frame's size through a preset's stages, and the map from the current stage's output pixel
-    coordinates (x, y) back to the stored frame's (a 3x3 affine matrix, float64)."""
+    """N frames' sizes through a preset's stages, and each one's map from the current stage's output
+    pixel coordinates (x, y) back to its stored frame's (N x 3 x 3 affine matrices, float64). A stage
+    given `where` (N booleans) changes only the frames it marks."""
 
-    def __init__(self, height: int, width: int) -> None:
-        self.h, self.w = height, width
-        self.m = np.eye(3)
+    def __init__(self, heights, widths) -> None:
+        self.h = np.atleast_1d(np.asarray(heights, np.int64)).copy()
+        self.w = np.atleast_1d(np.asarray(widths, np.int64)).copy()
+        self.m = np.broadcast_to(np.eye(3), (len(self.h), 3, 3))  # each stage makes a new one
 
-    def _stage(self, back: list[list[float]], height: int, width: int) -> None:
-        """A stage whose output point (x, y) came from its input point `back` @ (x, y, 1)."""
-        self.m = self.m @ np.asarray([*back, [0.0, 0.0, 1.0]])
-        self.h, self.w = height, width
+    def _stage(self, back: list[list], height, width, where=None) -> None:
+        """A stage whose output point (x, y) came from its input point `back` @ (x, y, 1); `back`'s six
+        entries, and the new size, are numbers or N-arrays."""
+        n = len(self.h)
+        b = np.zeros((n, 3, 3))
+        for i, row in enumerate(back):
+            for j, v in enumerate(row):
+                if isinstance(v, np.ndarray) or v:
+                    b[:, i, j] = v
+        b[:, 2, 2] = 1.0
+        m = np.matmul(self.m, b)
+        height = height if isinstance(height, np.ndarray) else np.full(n, height, np.int64)
+        width = width if isinstance(width, np.ndarray) else np.full(n, width, np.int64)
+        if where is None:
+            self.m, self.h, self.w = m, height.astype(np.int64), width.astype(np.int64)
+        else:
+            self.m = np.where(where[:, None, None], m, self.m)
+            self.h, self.w = np.where(where, height, self.h), np.where(where, width, self.w)
 
-    def resize(self, height: int, width: int) -> None:
+    def resize(self, height, width) -> None:
         self._stage([[self.w / width, 0, 0], [0, self.h / height, 0]], height, width)
 
     def pad(self, height: int, width: int) -> None:
         """Centred padding up to at least (height, width), as PadIfNeeded(position="center")."""
-        top, left = max(0, (height - self.h) // 2), max(0, (width - self.w) // 2)
-        self._stage([[1, 0, -left], [0, 1, -top]], max(height, self.h), max(width, self.w))
+        if (self.h >= height).all() and (self.w >= width).all():
+            return  # no frame needs any
+        top, left = np.maximum(0, (height - self.h) // 2), np.maximum(0, (width - self.w) // 2)
+        self._stage([[1, 0, -left], [0, 1, -top]], np.maximum(height, self.h), np.maximum(width, self.w))
 
-    def crop(self, top: int, left: int, height: int, width: int) -> None:
+    def crop(self, top, left, height, width) -> None:
+        if not (np.any(top) or np.any(left) or np.any(self.h != height) or np.any(self.w != width)):
+            return  # every frame is the window already
         self._stage([[1, 0, left], [0, 1, top]], height, width)
 
-    def random_crop(self, rng: np.random.Generator, height: int, width: int) -> None:
+    def random_crop(self, rng: Draws, height, width) -> None:
         """A window of (height, width) at a uniformly drawn position, as RandomCrop."""
-        top = int(rng.integers(self.h - height + 1))
-        left = int(rng.integers(self.w - width + 1))
+        if np.all(self.h == height) and np.all(self.w == width):
+            rng.skip(2)  # every frame is the window: its two draws are 0
+            return
+        top = rng.integers(self.h - height + 1)
+        left = rng.integers(self.w - width + 1)
         self.crop(top, left, height, width)
 
-    def hflip(self) -> None:
-        self._stage([[-1, 0, self.w], [0, 1, 0]], self.h, self.w)
+    def hflip(self, where=None) -> None:
+        self._stage([[-1, 0, self.w], [0, 1, 0]], self.h, self.w, where)
 
-    def vflip(self) -> None:
-        self._stage([[1, 0, 0], [0, -1, self.h]], self.h, self.w)
+    def vflip(self, where=None) -> None:
+        self._stage([[1, 0, 0], [0, -1, self.h]], self.h, self.w, where)
 
-    def turn(self, k: int) -> None:
-        """k quarter turns counter-clockwise (np.rot90); k odd swaps height and width."""
-        for _ in range(k % 4):
-            # output (x, y) of one turn came from input (w - y, x); the output is w high, h wide
-            self._stage([[0, -1, self.w], [1, 0, 0]], self.w, self.h)
+    def turn(self, k) -> None:
+        """k quarter turns counter-clockwise (np.rot90), per frame; k odd swaps height and width."""
+        k = np.asarray(k, np.int64) % 4
+        # One turn's output (x, y) came from input (w - y, x); k of them, composed, from:
+        # k=1 (w - y, x), k=2 (w - x, h - y), k=3 (y, h - x).
+        a, b, d, cw, fh = _TURNS[k].T
+        odd = (k & 1).astype(bool)
+        self._stage([[a, b, cw * self.w], [d, a, fh * self.h]], np.where(odd, self.w, self.h),
+                    np.where(odd, self.h, self.w))
 
-    def affine(self, shift: tuple[float, float], scale: float, degrees: float) -> None:
+    def affine(self, shift: tuple, scale, degrees, where=None) -> None:
         """Shift (fractions of the width and height), zoom and rotation about the frame's centre, as
         albumentations' Affine; the size stays."""
         cx, cy = self.w / 2, self.h / 2
@@ -91,7 +125,8 @@ class Frame:
         cos, sin = np.cos(a) / scale, np.sin(a) / scale
         # forward: out = c + t + s R(a) (in - c); back: in = c + R(-a) (out - c - t) / s
         ox, oy = cx + tx, cy + ty
-        self._stage([[cos, sin, cx - cos * ox - sin * oy], [-sin, cos, cy + sin * ox - cos * oy]], self.h, self.w)
+        self._stage([[cos, sin, cx - cos * ox - sin * oy], [-sin, cos, cy + sin * ox - cos * oy]],
+                    self.h, self.w, where)
 
     def fit(self, height: int, width: int, keep_aspect: bool) -> None:
         """The whole frame at (height, width): stretched, or scaled to fit and padded (LongestMaxSize
@@ -99,28 +134,30 @@ class Frame:
         if not keep_aspect:
             self.resize(height, width)
             return
-        s = min(height / self.h, width / self.w)
-        self.resize(max(1, round(self.h * s)), max(1, round(self.w * s)))
+        s = np.minimum(height / self.h, width / self.w)
+        self.resize(np.maximum(1, np.round(self.h * s)), np.maximum(1, np.round(self.w * s)))
         self.pad(height, width)
 
 
 # -- the presets on the device ----------------------------------------------------------------------
-# Each takes the frame, the sample's generator, the crop and the preset's resolved parameters (the
-# colour jitter's are the device's colour module's, ignored here), as segdist.data.augment defines them.
-def _flip(frame: Frame, rng: np.random.Generator, p: float, vertical: bool = False) -> None:
-    if rng.random() < p:
-        frame.vflip() if vertical else frame.hflip()
+# Each takes the frames, their draws (segdist.data.draws.Draws: one number per sample per call, in a
+# fixed sequence), the crop and the preset's resolved parameters (the colour jitter's are the device's
+# colour module's, ignored here), as segdist.data.augment defines them.
+def _flip(frame: Frame, rng: Draws, p: float, vertical: bool = False) -> None:
+    hit = rng.random() < p
+    frame.vflip(hit) if vertical else frame.hflip(hit)
 
 
 def _shapes(frame, rng, crop, *, p_flip, p_rot90, **_):
     frame.pad(*crop)
     frame.random_crop(rng, *crop)
     _flip(frame, rng, p_flip)
-    if rng.random() < p_rot90:
-        if crop[0] == crop[1]:
-            frame.turn(int(rng.integers(4)))  # RandomRotate90: 0 to 3 turns
-        else:
-            frame.vflip()
+    turns = rng.random() < p_rot90
+    k = rng.integers(4)
+    if crop[0] == crop[1]:
+        frame.turn(np.where(turns, k, 0))  # RandomRotate90: 0 to 3 turns
+    else:
+        frame.vflip(turns)
 
 
 def _crop(frame, rng, crop, **_):
@@ -130,7 +167,7 @@ def _crop(frame, rng, crop, **_):
 
 def _voc(frame, rng, crop, *, scale, p_flip, **_):
     s = rng.uniform(*scale)
-    frame.resize(max(1, round(frame.h * s)), max(1, round(frame.w * s)))
+    frame.resize(np.maximum(1, np.round(frame.h * s)), np.maximum(1, np.round(frame.w * s)))
     frame.pad(*crop)
     frame.random_crop(rng, *crop)
     _flip(frame, rng, p_flip)
@@ -141,12 +178,12 @@ def _cityscapes(frame, rng, crop, *, scale, longest, p_flip, **_):
     lo, hi = scale
     biggest = (int(np.ceil(h / lo)), int(np.ceil(w / lo)))
     if longest:
-        r = longest / max(frame.h, frame.w)
-        frame.resize(max(1, round(frame.h * r)), max(1, round(frame.w * r)))
+        r = longest / np.maximum(frame.h, frame.w)
+        frame.resize(np.maximum(1, np.round(frame.h * r)), np.maximum(1, np.round(frame.w * r)))
     frame.pad(*biggest)
     # RandomSizedCrop: a window of the crop's aspect, its height uniform in pixels, resized to the crop
-    wh = int(rng.integers(max(1, round(h / hi)), biggest[0] + 1))
-    ww = min(frame.w, int(wh * w / h))
+    wh = rng.integers(max(1, round(h / hi)), biggest[0] + 1)
+    ww = np.minimum(frame.w, (wh * w / h).astype(np.int64))
     frame.random_crop(rng, wh, ww)
     frame.resize(h, w)
     _flip(frame, rng, p_flip)
@@ -156,9 +193,9 @@ def _ph2(frame, rng, crop, *, keep_aspect, p_flip, p_vflip, shift, scale, rotate
     frame.fit(*crop, keep_aspect)
     _flip(frame, rng, p_flip)
     _flip(frame, rng, p_vflip, vertical=True)
-    if rng.random() < p_affine:
-        frame.affine((rng.uniform(-shift, shift), rng.uniform(-shift, shift)), rng.uniform(*scale),
-                     rng.uniform(-rotate, rotate))
+    moves = rng.random() < p_affine
+    frame.affine((rng.uniform(-shift, shift), rng.uniform(-shift, shift)), rng.uniform(*scale),
+                 rng.uniform(-rotate, rotate), moves)
 
 
 def _birds(frame, rng, crop, *, keep_aspect, p_flip, **_):
@@ -196,31 +233,38 @@ class Placement(NamedTuple):
 
 
 class DeviceGeometry:
-    """A preset's geometry as placements: `draw` per sample in the loader, `collate` per batch, and
-    `place` (module level) on the device."""
+    """A preset's geometry as placements: `draw` and `collate` per batch in the loader, and `place`
+    (module level) on the device."""
 
     def __init__(self, preset: str, crop: tuple[int, int], ignore_index: int, params: dict[str, Any]) -> None:
         self.preset, self.crop, self.ignore_index = preset, (int(crop[0]), int(crop[1])), ignore_index
         self.params = params
         self._place = DEVICE_PRESETS[preset]
 
-    def draw(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-        """One sample's map (2 x 3 float32) from output pixel coordinates to its stored frame's."""
-        frame = Frame(height, width)
+    def draw(self, rng: Draws, heights, widths) -> np.ndarray:
+        """N samples' maps (N x 2 x 3 float32) from output pixel coordinates to their stored frames'
+        (of `heights` x `widths`), each from its own numbers in `rng`."""
+        frame = Frame(heights, widths)
         self._place(frame, rng, self.crop, **self.params)
-        if (frame.h, frame.w) != self.crop:
-            raise AssertionError(f"preset {self.preset!r} placed a {frame.h}x{frame.w} frame, not {self.crop}")
-        return frame.m[:2].astype(np.float32)
+        wrong = (frame.h != self.crop[0]) | (frame.w != self.crop[1])
+        if wrong.any():
+            i = int(np.argmax(wrong))
+            raise AssertionError(f"preset {self.preset!r} placed a {frame.h[i]}x{frame.w[i]} frame, not {self.crop}")
+        return frame.m[:, :2].astype(np.float32)
 
-    def collate(self, items: list[tuple[torch.Tensor, ...]]) -> tuple:
-        """(frames padded into one canvas, masks likewise, Placement, *colour factors if any)."""
-        images, masks, matrices, *colour = zip(*items)
-        height = max(m.shape[0] for m in masks)
-        width = max(m.shape[1] for m in masks)
-        image_batch, mask_batch = pad_batch(images, masks, self.ignore_index, height, width)
-        placement = Placement(torch.stack(matrices), torch.tensor([tuple(m.shape) for m in masks], dtype=torch.int64),
-                              *self.crop, self.ignore_index)
-        return (image_batch, mask_batch, placement, *(torch.stack(c) for c in colour))
+    def collate(self, images, masks, matrices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, Placement]:
+        """(frames padded into one canvas, masks likewise, Placement): `images` and `masks` are lists
+        of arrays, or arrays of N frames of one size (already a canvas)."""
+        if isinstance(masks, np.ndarray):
+            image_batch, mask_batch = torch.from_numpy(images), stacked_masks(masks, self.ignore_index)
+            sizes = torch.from_numpy(np.tile(np.asarray(masks.shape[1:3], np.int64), (len(masks), 1)))
+        else:
+            height = max(m.shape[0] for m in masks)
+            width = max(m.shape[1] for m in masks)
+            image_batch, mask_batch = pad_batch([torch.from_numpy(i) for i in images],
+                                                [mask_tensor(m) for m in masks], self.ignore_index, height, width)
+            sizes = torch.tensor([m.shape[:2] for m in masks], dtype=torch.int64)
+        return image_batch, mask_batch, Placement(torch.from_numpy(matrices), sizes, *self.crop, self.ignore_index)
 
 
 def place(images: torch.Tensor, masks: torch.Tensor, placement: Placement,

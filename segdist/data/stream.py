@@ -15,12 +15,17 @@ the run is laid out:
   batch, accumulation) with the same G gives the same global batches, and the loader's workers only
   decide who decodes which micro-batch, never what it holds.
 - Sample t is read by its offsets in the shard (segdist.data.sample.read_sample: one read, no scan),
-  decoded, and augmented with a generator seeded by (seed, t, 2); a preset's colour jitter draws its
-  factors from (seed, t, 3) and the batch carries them as a third tensor (N x 4), applied on the
+  decoded, and augmented by the CPU pipeline with a generator seeded by (seed, t, 2). A preset's
+  colour jitter takes its factors from position t's numbers of stream 3 (segdist.data.draws: drawn
+  for the whole batch at once) and the batch carries them as a third tensor (N x 4), applied on the
   device (segdist.data.colour). With `data.geometry = "device"` the transform is a
-  segdist.data.geometry.DeviceGeometry: sample t keeps its stored size and draws its placement from
-  the same generator; the trainer warps the batch on the device. A preset that shrinks frames first
-  (segdist.data.augment.decode_reduction) has JPEGs decoded at a power-of-two fraction of their size.
+  segdist.data.geometry.DeviceGeometry: sample t keeps its stored size, and its placement comes from
+  t's numbers of stream 2, drawn for the batch; the trainer warps the batch on the device. A preset
+  that shrinks frames first (segdist.data.augment.decode_reduction) has JPEGs decoded at a
+  power-of-two fraction of their size.
+- With `data.in_memory` the split is read and decoded once when the stream is made
+  (segdist.data.held) and a batch of frames of one size is a single gather: the same samples at the
+  same positions, so the same batches.
 - Resuming at position T (a checkpoint records it, with G and the seed) starts the micro-batches at
   T: the samples that came next, on any layout with the same G, and nothing before T is read.
 
@@ -50,11 +55,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from segdist.data.augment import seed_pipeline
 from segdist.data.colour import ColourJitter
+from segdist.data.draws import Draws, uniforms
 from segdist.data.geometry import DeviceGeometry
+from segdist.data.held import HeldSplit
 from segdist.data.location import ShardSource
 from segdist.data.manifest import Manifest, check_indexed
 from segdist.data.sampling import draws
@@ -148,31 +155,46 @@ class GlobalBatches(Sampler):
 
 
 class SampleAugment:
-    """What the loader does to decoded sample t: the CPU pipeline seeded by (seed, t, 2), or with
-    geometry on the device the stored frame and its placement drawn from that generator; plus the
-    colour factors from (seed, t, 3) when the preset jitters colour."""
+    """What the loader does to training samples: per sample, the CPU pipeline seeded by (seed, t, 2)
+    (or, with geometry on the device, nothing: the frame stays as stored); per batch (`batch`), the
+    samples stacked, with geometry on the device their placements drawn from each position's numbers
+    (segdist.data.draws, stream 2), and the colour factors from stream 3 when the preset jitters colour."""
 
     def __init__(self, transform: Callable, seed: int, colour: ColourJitter | None = None) -> None:
         self.transform, self.seed, self.colour = transform, seed, colour
+        self.device = isinstance(transform, DeviceGeometry)
 
-    @property
-    def collate(self) -> Callable:
-        """How these samples batch: stacked crops, or with geometry on the device the stored frames in
-        one canvas and their placements (DeviceGeometry.collate)."""
-        return self.transform.collate if isinstance(self.transform, DeviceGeometry) else default_collate
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray, t: int) -> tuple[torch.Tensor, ...]:
-        rng = np.random.default_rng([self.seed, t, 2])
-        if isinstance(self.transform, DeviceGeometry):  # the frame as stored, and where its pixels go
-            sample = (torch.from_numpy(image), mask_tensor(mask),
-                      torch.from_numpy(self.transform.draw(rng, *mask.shape[:2])))
-        else:
+    def __call__(self, image: np.ndarray, mask: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Decoded sample t as a batch takes it: (image, mask, t)."""
+        if not self.device:
+            rng = np.random.default_rng([self.seed, t, 2])
             seed_pipeline(self.transform, int(rng.integers(1 << 31)))
             out = self.transform(image=image, mask=mask)
-            sample = torch.from_numpy(np.ascontiguousarray(out["image"])), mask_tensor(np.ascontiguousarray(out["mask"]))
+            image, mask = np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["mask"])
+        return image, mask, t
+
+    def collate(self, items: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple:
+        """A batch of what `__call__` returned."""
+        images, masks, positions = zip(*items)
+        return self.batch(images, masks, np.asarray(positions, np.int64))
+
+    def batch(self, images, masks, positions: np.ndarray) -> tuple:
+        """(images, masks) batched: stacked crops, or with geometry on the device the stored frames in
+        one canvas and their placements (DeviceGeometry.collate); then the colour factors, if any.
+        `images` and `masks`: sequences of arrays, or (geometry on the device) arrays of N frames of
+        one size."""
+        if self.device:
+            if isinstance(masks, np.ndarray):  # N frames of one size
+                heights, widths = np.full(len(masks), masks.shape[1]), np.full(len(masks), masks.shape[2])
+            else:
+                heights, widths = np.array([m.shape[0] for m in masks]), np.array([m.shape[1] for m in masks])
+            matrices = self.transform.draw(Draws(self.seed, positions, 2), heights, widths)
+            out = self.transform.collate(images, masks, matrices)
+        else:
+            out = (torch.stack([torch.from_numpy(i) for i in images]), torch.stack([mask_tensor(m) for m in masks]))
         if self.colour is None:
-            return sample
-        return *sample, torch.from_numpy(self.colour.draw(np.random.default_rng([self.seed, t, 3])))
+            return out
+        return *out, torch.from_numpy(self.colour.factors(uniforms(self.seed, positions, 3, 5)))
 
 
 class _Skips:
@@ -193,9 +215,11 @@ class _Skips:
 
 
 class TrainStream(Dataset):
-    """Augmented training sample at each run position (a map-style dataset: `train_loader` asks for
-    positions by `GlobalBatches`); see the module docstring. `manifest` must hold member offsets
-    (segdist.data.manifest.check_indexed)."""
+    """Training batches by run position (a map-style dataset: `train_loader` asks for the positions
+    of each micro-batch by `GlobalBatches`, `__getitems__` returns the batch); see the module
+    docstring. `manifest` must hold member offsets (segdist.data.manifest.check_indexed).
+    `in_memory`: read and decode the whole split now and gather batches from memory
+    (segdist.data.held); the batches are the same."""
 
     def __init__(
         self,
@@ -208,6 +232,7 @@ class TrainStream(Dataset):
         probabilities: np.ndarray | None = None,
         colour: ColourJitter | None = None,
         reduce_for: Callable[[int, int], int] | None = None,
+        in_memory: bool = False,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -219,18 +244,18 @@ class TrainStream(Dataset):
         self.num_classes, self.ignore_index = manifest.num_classes, manifest.ignore_index
         self.on_corrupt = on_corrupt
         self._skips = _Skips()
-
-    @property
-    def collate(self) -> Callable:
-        return self.augment.collate
+        self.held = (HeldSplit(self.samples, self.num_classes, self.ignore_index, reduce_for, on_corrupt)
+                     if in_memory else None)
 
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of the sample at manifest index `index`, decoded for training."""
+        if self.held is not None:
+            return self.held.decoded(index)
         raw = read_sample(*self.samples[index])
         _, image, mask = decode_sample(raw, self.num_classes, self.ignore_index, self.reduce_for)
         return image, mask
 
-    def __getitem__(self, t: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, t: int) -> tuple[np.ndarray, np.ndarray, int]:
         p, i = divmod(int(t), self.order.size)
         order = self.order(p)
         for step in range(self.order.size):
@@ -245,6 +270,27 @@ class TrainStream(Dataset):
             raise UserError(f"no sample of the training split decodes ({self.order.size} tried): the shards are "
                             "broken; run launch/shard.py verify --deep and re-convert")
         return self.augment(image, mask, int(t))
+
+    def held_ids(self, positions: np.ndarray) -> np.ndarray | None:
+        """The manifest indices at `positions` when all are held, decodable and of one size (a batch
+        is then one gather), else None."""
+        if self.held is None or not self.held.stacked or not self.augment.device:
+            return None
+        passes, at = np.divmod(positions, self.order.size)
+        if passes[0] == passes[-1]:  # a micro-batch is consecutive positions: mostly of one pass
+            return self.order(int(passes[0]))[at]
+        ids = np.empty_like(positions)
+        for p in np.unique(passes).tolist():
+            ids[passes == p] = self.order(p)[at[passes == p]]
+        return ids
+
+    def __getitems__(self, positions: list[int]) -> tuple:
+        """The batch of the samples at `positions`."""
+        positions = np.asarray(positions, np.int64)
+        ids = self.held_ids(positions)
+        if ids is not None:
+            return self.augment.batch(self.held.images[ids], self.held.masks[ids], positions)
+        return self.augment.collate([self[t] for t in positions.tolist()])
 
 
 def _group_range(groups: int, slot: int, slots: int) -> tuple[int, int]:
@@ -343,13 +389,18 @@ class EvalStream(IterableDataset):
             yield key, torch.from_numpy(image), mask_tensor(mask)
 
 
+def _as_batched(batch: tuple) -> tuple:
+    """`TrainStream.__getitems__` returns whole batches: nothing is left to collate."""
+    return batch
+
+
 def train_loader(stream: TrainStream, batches: GlobalBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    """This rank's micro-batches, endless, as `stream.collate` makes them, in `batches`' order
+    """This rank's micro-batches, endless, as `stream.__getitems__` makes them, in `batches`' order
     whatever the worker count (the DataLoader hands micro-batches to workers in turn and returns them
     in order)."""
     return DataLoader(
         stream, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=stream.collate, persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        collate_fn=_as_batched, persistent_workers=False, prefetch_factor=4 if num_workers else None,
         worker_init_fn=init_loader_worker,  # signals are the training process's to handle
     )
 

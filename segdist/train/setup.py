@@ -21,6 +21,7 @@ import torch
 from segdist.checkpoint import Pieces, latest_checkpoint, load_weights, resolve_checkpoint, weights_misfit
 from segdist.data.augment import build_augment, build_colour, decode_reduction
 from segdist.data.geometry import build_geometry
+from segdist.data.held import check_fits
 from segdist.data.manifest import Manifest, check_crop_fits, check_random_access, check_reachable, check_same_labels, load_split
 from segdist.data.sampling import training_draws
 from segdist.distributed import DistContext, launch_context
@@ -88,6 +89,8 @@ def check_run(recipe: Recipe, resume: str = "no") -> Setup:
     precision = resolve_precision(recipe.train.precision)
     InferenceMode.from_recipe(recipe)  # eval.stride against the window, before any process group
     dist = launch_context()
+    if recipe.data.in_memory:
+        check_fits(train_m, dist.local_world)  # every local process holds its own copy
     world = dist.world
     recipe = resolve_accumulation(recipe, world)
     if recipe.data.batch_size == 1 and not (recipe.model.sync_bn and torch.cuda.is_available() and world > 1):

@@ -193,7 +193,7 @@ class Trainer:
         stream = TrainStream(
             setup.train_manifest, seed=r.train.seed, transform=self.transform, colour=self.colour,
             reduce_for=self.reduce_for, shuffle_buffer=r.data.shuffle_buffer, on_corrupt=r.data.on_corrupt,
-            probabilities=setup.draws,
+            probabilities=setup.draws, in_memory=r.data.in_memory,
         )
         batches = GlobalBatches(accelerator.process_index, accelerator.num_processes, r.data.batch_size,
                                 r.train.grad_accum, start=self.state.position)

@@ -172,7 +172,7 @@ def test_pass_order_is_a_block_shuffled_permutation(shapes_root):
 
 
 def test_colour_factors_ride_with_the_batch_from_each_positions_seed(shapes_root):
-    """The preset's colour jitter is drawn per position (seed, t, 3) and travels as a third tensor;
+    """The preset's colour jitter is drawn per position (stream 3 of segdist.data.draws) and travels as a third tensor;
     the CPU pipeline, and so the images and masks, are those of a stream without it."""
     manifest = load_manifest(shapes_root, "train")
     colour = ColourJitter(0.3, 0.3, 0.3, 0.1, 0.5)

@@ -39,3 +39,14 @@ def test_bad_option_is_one_line_and_exit_2():
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --count 2 is below --batch-size 8: the stream needs a full batch"
+
+
+def test_too_few_shards_for_the_workers_is_refused_before_anything_is_written(tmp_path):
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "data", "--count", "8",
+                             "--batch-size", "4", "--samples-per-shard", "8", "--workers", "2", "--workdir", str(work)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --count 8 at --samples-per-shard 8 makes 1 shards for 2 workers: "
+                                     "lower --samples-per-shard or --workers")
+    assert not work.exists()

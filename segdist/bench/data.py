@@ -152,8 +152,7 @@ class ShardScan(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if len(self.shards) < workers:
-            raise UserError(f"{len(self.shards)} shards for {workers} workers: lower --samples-per-shard")
+        assert len(self.shards) >= workers, "run_data checks that every worker has a shard to scan"
         n = 0
         while True:
             for path in self.shards[worker::workers]:
@@ -261,6 +260,10 @@ def run_data(args: argparse.Namespace) -> int:
         raise UserError("--workers and --warmup must be >= 0, --size at least 8 8 and --crop positive")
     if args.count < args.batch_size:
         raise UserError(f"--count {args.count} is below --batch-size {args.batch_size}: the stream needs a full batch")
+    shards = -(-args.count // args.samples_per_shard)
+    if shards < args.workers:  # the scanning baseline gives each worker its own shards
+        raise UserError(f"--count {args.count} at --samples-per-shard {args.samples_per_shard} makes {shards} shards "
+                        f"for {args.workers} workers: lower --samples-per-shard or --workers")
     with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
         t0 = time.perf_counter()

@@ -208,12 +208,12 @@ def http_status(url: str) -> int | None:
     return int(code) if code.isdigit() and int(code) > 0 else None
 
 
-def _refusal(root: str, name: str, exc: BaseException, status: int | None, code: int | None = None) -> str | None:
-    """Why a failed open or read will not get better by retrying, or None when it might. `code`: the
-    HTTP status a HEAD request found, where the caller asked already."""
+def _refusal(root: str, name: str, exc: BaseException, status: int | None, code: int | None) -> str | None:
+    """Why a failed open or read will not get better by retrying, or None when it might. `status`: the
+    exit status of the reading command; `code`: the status of the HEAD request the caller made after
+    curl's HTTP error (None when no server answered, or not asked)."""
     kind, where = root_kind(root), address(root, name)
     if kind == "http" and status == CURL_HTTP_ERROR:
-        code = code or http_status(where)
         reason = _HTTP_REASONS.get(code, "refused") if code else "refused"
         return f"{where}: HTTP {code or 'error'} ({reason})"
     if kind == "fsspec" and isinstance(exc, (FileNotFoundError, PermissionError)):

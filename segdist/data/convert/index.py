@@ -18,7 +18,7 @@ import json
 
 from tqdm import tqdm
 
-from segdist.data.convert.verify import find_splits, scan_shard
+from segdist.data.convert.verify import find_splits, scanned_members
 from segdist.data.location import is_remote, local_root
 from segdist.data.manifest import Manifest, load_manifest, manifest_path
 from segdist.errors import UserError
@@ -45,12 +45,7 @@ def index_split(manifest: Manifest, bar: tqdm) -> list[list[list]]:
     where = manifest_path(manifest.root, manifest.split)
     found = []
     for info, path in zip(manifest.shards, manifest.shard_paths()):
-        sha256, members = scan_shard(path)
-        if sha256 != info.sha256:
-            raise UserError(f"shard {path}: sha256 differs from {where} (changed, truncated or corrupt): "
-                            "re-run the conversion")
-        if isinstance(members, str):
-            raise UserError(f"shard {path} is not a readable tar ({members}): re-run the conversion")
+        members = scanned_members(path, info.sha256, where)
         if len(members) != info.samples:
             raise UserError(f"shard {path} holds {len(members)} samples, {where} says {info.samples}: "
                             "re-run the conversion")

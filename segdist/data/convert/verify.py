@@ -103,6 +103,21 @@ def members_differ(recorded: list[list], found: list[list]) -> str | None:
     return None
 
 
+def _sha256_differs(path: Path, where: Path) -> UserError:
+    return UserError(f"shard {path}: sha256 differs from {where} (changed, truncated or corrupt): re-run the conversion")
+
+
+def scanned_members(path: Path, sha256: str, where: Path) -> list[list]:
+    """A shard's members as `scan_shard` finds them, once its bytes hash to `sha256` (the manifest's,
+    `where`) and read as a tar; else a one-line `UserError`."""
+    found, members = scan_shard(path)
+    if found != sha256:
+        raise _sha256_differs(path, where)
+    if isinstance(members, str):
+        raise UserError(f"shard {path} is not a readable tar ({members}): re-run the conversion")
+    return members
+
+
 def check_files(manifest: Manifest) -> None:
     """sha256 of every listed shard (and its member offsets, where recorded), and no unlisted shard
     of this split in the folder."""
@@ -111,14 +126,10 @@ def check_files(manifest: Manifest) -> None:
         raise UserError(f"manifest {where}: classes, palette and class_pixels differ in length; re-run the conversion")
     for info, path in zip(manifest.shards, manifest.shard_paths()):
         if info.members is None:
-            sha256, members = sha256_file(path), None
-        else:
-            sha256, members = scan_shard(path)
-        if sha256 != info.sha256:
-            raise UserError(f"shard {path}: sha256 differs from {where} (changed, truncated or corrupt): re-run the conversion")
-        if isinstance(members, str):
-            raise UserError(f"shard {path} is not a readable tar ({members}): re-run the conversion")
-        problem = None if members is None else members_differ(info.members, members)
+            if sha256_file(path) != info.sha256:
+                raise _sha256_differs(path, where)
+            continue
+        problem = members_differ(info.members, scanned_members(path, info.sha256, where))
         if problem is not None:
             raise UserError(f"shard {path}: member offsets in {where} differ from the tar ({problem}): "
                             "re-run the conversion")

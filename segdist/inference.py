@@ -118,12 +118,16 @@ def _one_pass(model, x: torch.Tensor, mode: InferenceMode) -> torch.Tensor:
 
 
 def _forward(model, x: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of a batch of any size: padded with black to a multiple of 32, cropped back."""
+    """fp32 logits of a batch of any size: padded with black to a multiple of 32, cropped back. The
+    model always gets a contiguous N x C x H x W batch: a conv's rounding follows the memory layout
+    (a batch built from N x H x W x 3 frames is laid out so), and a near-tie between two logits
+    follows the rounding, so evaluation, prediction and an exported model's card agree pixel for
+    pixel however their batches were built."""
     h, w = x.shape[-2:]
     ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
     if ph or pw:
         x = pad_black(x, h + ph, w + pw)
-    return model(x).float()[:, :, :h, :w]
+    return model(x.contiguous()).float()[:, :, :h, :w]
 
 
 def pad_black(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ from segdist.data.sample import to_uint8
 from segdist.inference import InferenceMode
 from segdist.errors import UserError
 from segdist.models.trained import BINARY_CLASSES
-from segdist.preprocess import normalise
+from segdist.preprocess import to_input
 
 log = logging.getLogger("segdist")
 
@@ -165,8 +165,8 @@ def forward_scores(model: nn.Module, rgb: np.ndarray, mode: InferenceMode) -> to
     segdist.inference as evaluation runs it: logits for a single pass, mean probabilities with
     test-time augmentation."""
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float()
-    return inference.scores(model, normalise(x), mode)
+    x = to_input(torch.from_numpy(np.array(rgb, dtype=np.uint8))[None], device)  # as evaluation's batches
+    return inference.scores(model, x, mode)
 
 
 def to_probabilities(scores: torch.Tensor, mode: InferenceMode) -> np.ndarray:

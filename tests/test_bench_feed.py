@@ -74,6 +74,9 @@ def test_feed_prints_a_row_per_recipe_with_its_stages(capsys, tmp_path):
     assert float(city[1][-2]) > 5 * float(city[2][-4])
     stored = {json.loads(p.read_text())["frame_sizes"]["stored"]["max"][1] for p in tmp_path.glob("cityscapes-*/train.json")}
     assert stored == {2048, 256}
+    # ph2_unet holds its split in memory: its one-off read is printed under the table
+    held = [line for line in out if line.startswith("held = data.in_memory")]
+    assert len(held) == 1 and "ph2_unet: " in held[0] and "cityscapes_unet" not in held[0]
 
 
 def test_unknown_recipe_file_is_a_user_error(tmp_path):

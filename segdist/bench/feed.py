@@ -202,10 +202,9 @@ def time_stages(split: Path, recipe, passes: int, colour_on_cpu: bool) -> tuple[
             for first in range(0, HELD_BATCHES * batch, batch):  # whole micro-batches, passes on passes
                 positions = np.arange(first, first + batch)
                 t0 = time.perf_counter()
-                ids = stream.held_ids(positions)  # the bench's frames share one size: a gather
-                images, masks = stream.held.images[ids], stream.held.masks[ids]
+                frames = stream.gathered(positions)  # the bench's frames share one size: a gather
                 t1 = time.perf_counter()
-                stream.augment.batch(images, masks, positions)
+                stream.augment.batch(*frames, positions)
                 spent["read"] += t1 - t0
                 spent["collate"] += time.perf_counter() - t1
             for stage in STAGES:

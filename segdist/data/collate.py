@@ -17,10 +17,14 @@ def mask_tensor(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
 
 
+def _uint8_batch(ignore_index: int, all_uint8: bool) -> bool:
+    """Whether a batch of masks stays uint8: every mask is, and so is the ignore index it is padded with."""
+    return 0 <= ignore_index <= 255 and all_uint8
+
+
 def stacked_masks(masks: np.ndarray, ignore_index: int) -> torch.Tensor:
     """N masks of one size (an N x H x W array) as one batch, stored as `pad_batch` stores them."""
-    small = 0 <= ignore_index <= 255 and masks.dtype == np.uint8
-    return torch.from_numpy(masks if small else masks.astype(np.int32))
+    return torch.from_numpy(masks if _uint8_batch(ignore_index, masks.dtype == np.uint8) else masks.astype(np.int32))
 
 
 def pad_batch(images, masks, ignore_index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +32,7 @@ def pad_batch(images, masks, ignore_index: int, height: int, width: int) -> tupl
     images padded with 0 at the bottom and right, masks with the ignore index. Masks stay as small as
     their labels allow, as `mask_tensor` keeps them: uint8 when every mask is and the ignore index
     fits, else int32 (an eighth or half of an int64 batch to copy to the device and to count)."""
-    small = 0 <= ignore_index <= 255 and all(m.dtype == torch.uint8 for m in masks)
+    small = _uint8_batch(ignore_index, all(m.dtype == torch.uint8 for m in masks))
     image_batch = torch.zeros(len(images), height, width, 3, dtype=torch.uint8)
     mask_batch = torch.full((len(masks), height, width), ignore_index, dtype=torch.uint8 if small else torch.int32)
     for i, (img, m) in enumerate(zip(images, masks)):

@@ -61,7 +61,6 @@ class Draws:
 
     def __init__(self, seed: int, positions, stream: int, count: int = 8) -> None:
         self.u = uniforms(seed, positions, stream, count)
-        self.n = self.u.shape[0]
         self._next = 0
 
     def random(self) -> np.ndarray:

@@ -74,7 +74,7 @@ class HeldSplit:
     all frames share a size (a batch is then one gather, `stacked`), else one array per sample. Every
     pass reads the same arrays: nothing may write into them (the CPU pipeline's transforms return new
     arrays; the gather copies).
-    `broken[i]`: sample i did not decode (on_corrupt = "skip"); `decoded(i)` raises its error again."""
+    `errors[i]`: why sample i did not decode (on_corrupt = "skip"); `decoded(i)` raises it again."""
 
     def __init__(self, samples: Located, num_classes: int, ignore_index: int, reduce_for=None,
                  on_corrupt: str = "fail") -> None:
@@ -90,8 +90,6 @@ class HeldSplit:
             images.append(image)
             masks.append(mask)
         self.errors = errors
-        self.broken = np.zeros(len(images), dtype=bool)
-        self.broken[list(errors)] = True
         shapes = {(im.shape, m.shape, m.dtype) for im, m in zip(images, masks) if im is not None}
         self.stacked = len(shapes) == 1 and not errors
         if self.stacked:
@@ -105,6 +103,6 @@ class HeldSplit:
 
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of the sample at manifest index `index`."""
-        if self.broken[index]:
+        if index in self.errors:
             raise self.errors[index]
         return self.images[index], self.masks[index]

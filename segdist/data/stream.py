@@ -271,25 +271,26 @@ class TrainStream(Dataset):
                             "broken; run launch/shard.py verify --deep and re-convert")
         return self.augment(image, mask, int(t))
 
-    def held_ids(self, positions: np.ndarray) -> np.ndarray | None:
-        """The manifest indices at `positions` when all are held, decodable and of one size (a batch
-        is then one gather), else None."""
+    def gathered(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(images, masks) at `positions` in one gather each, when the split is held, decodes whole,
+        shares one frame size and goes to the device as stored; else None (sample by sample)."""
         if self.held is None or not self.held.stacked or not self.augment.device:
             return None
         passes, at = np.divmod(positions, self.order.size)
         if passes[0] == passes[-1]:  # a micro-batch is consecutive positions: mostly of one pass
-            return self.order(int(passes[0]))[at]
-        ids = np.empty_like(positions)
-        for p in np.unique(passes).tolist():
-            ids[passes == p] = self.order(p)[at[passes == p]]
-        return ids
+            ids = self.order(int(passes[0]))[at]
+        else:
+            ids = np.empty_like(positions)
+            for p in np.unique(passes).tolist():
+                ids[passes == p] = self.order(p)[at[passes == p]]
+        return self.held.images[ids], self.held.masks[ids]
 
     def __getitems__(self, positions: list[int]) -> tuple:
         """The batch of the samples at `positions`."""
         positions = np.asarray(positions, np.int64)
-        ids = self.held_ids(positions)
-        if ids is not None:
-            return self.augment.batch(self.held.images[ids], self.held.masks[ids], positions)
+        frames = self.gathered(positions)
+        if frames is not None:
+            return self.augment.batch(*frames, positions)
         return self.augment.collate([self[t] for t in positions.tolist()])
 
 
